@@ -1,0 +1,13 @@
+"""memplan: fit a PyTorch training step into a memory budget.
+
+>>> plan = memplan.optimize(model, budget="60%", example_inputs=(x,))   # doctest: +SKIP
+>>> loss_fn(plan.module(x), y).backward()                               # doctest: +SKIP
+>>> print(plan.report())                                                # doctest: +SKIP
+"""
+
+from memplan.api import Plan, optimize
+from memplan.budget import parse_budget
+from memplan.errors import BudgetError, CaptureError, InfeasibleBudgetError, InternalError, MemplanError
+
+__all__ = ["BudgetError", "CaptureError", "InfeasibleBudgetError", "InternalError", "MemplanError",
+           "Plan", "optimize", "parse_budget"]

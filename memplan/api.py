@@ -1,0 +1,151 @@
+"""``memplan.optimize``: capture, plan under a budget, and hand back a drop-in module."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+
+from memplan import report as report_module
+from memplan.budget import parse_budget
+from memplan.capture import CapturedStep, capture, device_of
+from memplan.cost_models.analytic import for_device
+from memplan.errors import InfeasibleBudgetError
+from memplan.executor import PlannedModule, boxed
+from memplan.graph import JointGraph
+from memplan.passes.partition import split
+from memplan.program import Program
+from memplan.solvers import SOLVERS, SolverConfig, StepSchedule, solve, solve_auto
+
+METHODS = ("auto", *SOLVERS)
+
+
+@dataclass
+class PlanResult:
+    """The plan for one input signature, with its evidence."""
+
+    graph: JointGraph
+    budget_bytes: int
+    baseline: StepSchedule
+    chosen: StepSchedule
+    alternatives: list[StepSchedule]
+    device: str
+
+
+def _free_device_bytes(device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None
+    free, _total = torch.cuda.mem_get_info(device)
+    return free
+
+
+def plan_step(graph: JointGraph, budget: Any, method: str, device: torch.device) -> PlanResult:
+    """Solve for one captured graph: the cheapest schedule whose simulated peak fits."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    config = SolverConfig(node_time_s=for_device(device.type, name).times(graph))
+    unlimited = 2**62
+    baseline = solve("none", graph, unlimited, config=config)
+    budget_bytes = parse_budget(budget, baseline.peak_bytes,
+                                free_device_bytes=_free_device_bytes(device))
+    if method == "auto":
+        alternatives = solve_auto(graph, budget_bytes, config=config)
+    else:
+        alternatives = [solve(method, graph, budget_bytes, config=config)]
+    chosen = alternatives[0]
+    if not chosen.feasible:
+        if method != "auto":
+            alternatives = solve_auto(graph, budget_bytes, config=config)
+        smallest = min(alternatives, key=lambda s: s.peak_bytes)
+        raise InfeasibleBudgetError(
+            f"no {'schedule' if method == 'auto' else repr(method) + ' schedule'} fits the budget of "
+            f"{budget_bytes:,} B: the smallest predicted peak is {smallest.peak_bytes:,} B "
+            f"({smallest.method}); the unplanned peak is {baseline.peak_bytes:,} B. Give a budget of "
+            f"at least {smallest.peak_bytes:,} B"
+            + ("" if method == "auto" else " or use method='auto'") + ", or a smaller batch.",
+            minimum_bytes=smallest.peak_bytes)
+    return PlanResult(graph=graph, budget_bytes=budget_bytes, baseline=baseline, chosen=chosen,
+                      alternatives=alternatives, device=str(device))
+
+
+@dataclass
+class Plan:
+    """What ``optimize`` returns: the module to train with, and the plan's numbers."""
+
+    module: PlannedModule
+    budget: Any
+    requested_method: str
+    results: dict[tuple, PlanResult] = field(default_factory=dict)
+    latest: PlanResult | None = None
+
+    def _result(self) -> PlanResult:
+        if self.latest is None:
+            raise RuntimeError(
+                "this plan has not been made yet: pass example_inputs= to memplan.optimize, "
+                "or call plan.module once in training mode; it plans at its first call")
+        return self.latest
+
+    @property
+    def budget_bytes(self) -> int:
+        return self._result().budget_bytes
+
+    @property
+    def baseline_peak_bytes(self) -> int:
+        return self._result().baseline.peak_bytes
+
+    @property
+    def predicted_peak_bytes(self) -> int:
+        return self._result().chosen.peak_bytes
+
+    @property
+    def predicted_overhead(self) -> float:
+        return self._result().chosen.overhead
+
+    @property
+    def method(self) -> str:
+        return self._result().chosen.method
+
+    @property
+    def program(self) -> Program:
+        return self._result().chosen.program
+
+    def report(self) -> str:
+        return report_module.render_text(self._result())
+
+    def to_json(self) -> str:
+        return json.dumps(report_module.to_dict(self._result()), indent=2)
+
+
+def optimize(model: torch.nn.Module, budget: Any, *, example_inputs: tuple | None = None,
+             example_kwargs: dict | None = None, method: str = "auto") -> Plan:
+    """Plan ``model``'s training step to fit ``budget``; see ``memplan.parse_budget`` for forms.
+
+    >>> plan = optimize(model, budget="60%", example_inputs=(x,))   # doctest: +SKIP
+    >>> loss_fn(plan.module(x), y).backward()                       # doctest: +SKIP
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}: choose one of {list(METHODS)}")
+    if not isinstance(budget, (int, float, str)):
+        parse_budget(budget)  # raises the error that lists the accepted forms
+    plan: Plan
+
+    def plan_for(args: tuple, kwargs: dict) -> tuple[CapturedStep, Any]:
+        flat = pytree.tree_leaves((args, kwargs))
+        device = device_of(model, flat)
+        holder: dict[str, PlanResult] = {}
+
+        def planner(graph: JointGraph) -> Program:
+            holder["result"] = plan_step(graph, budget, method, device)
+            return holder["result"].chosen.program
+
+        step, out_spec = capture(model, args, kwargs, planner, split, boxed)
+        plan.latest = holder["result"]
+        return step, out_spec
+
+    plan = Plan(module=PlannedModule(model, plan_for), budget=budget, requested_method=method)
+    if example_inputs is not None or example_kwargs is not None:
+        args, kwargs = tuple(example_inputs or ()), dict(example_kwargs or {})
+        plan.module.prepare(args, kwargs)
+    return plan

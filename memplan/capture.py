@@ -1,0 +1,229 @@
+"""Capture: the model's training step as one joint forward+backward ATen graph, and its IR.
+
+``torch.export`` (non-strict) traces the model under FakeTensor, so no real compute runs and
+every node carries its ``nn.Module`` path; ``aot_module_simplified`` then functionalizes it and
+builds the joint graph, which it hands to a partition function. memplan's partition function
+turns the joint graph into a :class:`~memplan.graph.JointGraph`, asks the planner for a
+:class:`~memplan.program.Program`, and splits the joint graph accordingly. What comes back is a
+callable that runs the captured graphs directly: no tracing and no dynamo at call time.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+from torch._functorch.aot_autograd import aot_module_simplified
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils.flop_counter import flop_registry
+
+from memplan.errors import CaptureError
+from memplan.graph import Category, JointGraph, Node, Phase, Storage
+from memplan.program import Program
+
+log = logging.getLogger(__name__)
+
+Planner = Callable[[JointGraph], Program]
+
+CUDA_ALLOCATOR_ROUNDING = 512  # every CUDA caching-allocator block is a multiple of 512 bytes
+
+
+@dataclass
+class CapturedStep:
+    """A captured training step: call it with the flat inputs, get the flat outputs."""
+
+    run: Callable[..., Any]
+    graph: JointGraph
+    program: Program
+    fx_joint: fx.GraphModule
+
+
+def _flat_module(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[fx.GraphModule, Any, int]:
+    """Export the model and give it a flat calling convention: flat tensors in, flat tensors out."""
+    try:
+        exported = torch.export.export(model, args, kwargs, strict=False)
+    except Exception as error:  # export raises many types; all mean "could not capture"
+        raise CaptureError(
+            f"memplan could not capture {type(model).__name__}'s forward with torch.export "
+            f"(non-strict): {type(error).__name__}: {str(error).strip().splitlines()[0]}\n"
+            "The traceback above names the line where tracing broke. Make that code traceable "
+            "(no data-dependent Python control flow on tensor values, no .item() in branches), "
+            "or plan the submodules that are traceable."
+        ) from error
+    gm = exported.module()
+    out_spec = gm._out_spec if hasattr(gm, "_out_spec") else exported.call_spec.out_spec
+    gm.graph._codegen = fx.graph.CodeGen()
+    _drop_guard_calls(gm)
+    gm.recompile()
+    user_outputs = len(next(iter(reversed(gm.graph.nodes))).args[0])
+    return gm, out_spec, user_outputs
+
+
+def _drop_guard_calls(gm: fx.GraphModule) -> None:
+    """Exported modules check their input guards in-graph; the planned module checks shapes itself."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn":
+            gm.graph.erase_node(node)
+    if hasattr(gm, "_guards_fn"):
+        delattr(gm, "_guards_fn")
+
+
+_BATCH_NORM = torch.ops.aten._native_batch_norm_legit_functional.default
+
+
+def _is_random(node: fx.Node) -> bool:
+    return (isinstance(node.target, torch._ops.OpOverload)
+            and torch.Tag.nondeterministic_seeded in node.target.tags)
+
+
+def _must_save(node: fx.Node) -> bool:
+    """Random values, and the running statistics a training BatchNorm writes back."""
+    if node.target is operator.getitem:
+        parent, index = node.args
+        return _is_random(parent) or (parent.target is _BATCH_NORM and index >= 3)
+    return _is_random(node)
+
+
+def _state_inputs(node: fx.Node) -> tuple[str, ...]:
+    """Training BatchNorm reads its running statistics only to write new ones: its output,
+    mean and inverse std do not depend on them, so a recomputation may read the mutated buffer."""
+    if node.target is _BATCH_NORM and node.args[5]:
+        return tuple(a.name for a in node.args[3:5] if isinstance(a, fx.Node))
+    return ()
+
+
+def _target(described: Any) -> str | None:
+    """The parameter or buffer name an aot_autograd descriptor (or a placeholder's) names."""
+    desc = described.meta.get("desc") if isinstance(described, fx.Node) else described
+    return getattr(desc, "target", None)
+
+
+def _module_path(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or node.meta.get("fwd_nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    return path.replace("L['self'].", "").replace("L__self__.", "")
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    return [v for v in pytree.tree_leaves(value) if isinstance(v, torch.Tensor)]
+
+
+def _flops(node: fx.Node) -> int:
+    packet = getattr(node.target, "overloadpacket", None)
+    if packet not in flop_registry:
+        return 0
+    args, kwargs = pytree.tree_map_only(fx.Node, lambda n: n.meta.get("val"), (node.args, node.kwargs))
+    try:
+        return int(flop_registry[packet](*args, **kwargs, out_val=node.meta.get("val")))
+    except Exception:  # a formula that does not accept these arguments: count no FLOPs
+        log.debug("no FLOP formula applies to %s", node.format_node())
+        return 0
+
+
+def joint_to_ir(joint: fx.GraphModule, num_fwd_outputs: int, *, user_outputs: int,
+                param_count: int, buffer_count: int, rounding: int) -> JointGraph:
+    """The fx joint graph as a JointGraph: storages from the fake values' aliasing."""
+    storage_ids: dict[StorageWeakRef, int] = {}
+    storages: list[Storage] = []
+    nodes: list[Node] = []
+    output_node = next(iter(reversed(joint.graph.nodes)))
+    fwd_outputs = [o for o in output_node.args[0][:num_fwd_outputs] if isinstance(o, fx.Node)]
+    bwd_outputs = [o for o in output_node.args[0][num_fwd_outputs:] if isinstance(o, fx.Node)]
+    gradient_nodes = set(bwd_outputs)
+    # aot_autograd's descriptors name what each input is and which buffers the step mutates.
+    mutated = {_target(d.mutated_input) for d in output_node.meta.get("desc", ())
+               if type(d).__name__ == "InputMutationAOTOutput"}
+    primal_index = 0
+    for node in joint.graph.nodes:
+        if node.op == "output":
+            continue
+        if node.op == "placeholder":
+            is_tangent = node.name.startswith("tangents")
+            phase = Phase.TANGENT if is_tangent else Phase.PRIMAL
+            if is_tangent:
+                category = Category.TEMPORARY
+            else:
+                category = (Category.PARAMETER if primal_index < param_count else
+                            Category.BUFFER if primal_index < param_count + buffer_count else
+                            Category.INPUT)
+                primal_index += 1
+        else:
+            tag = node.meta.get("partitioner_tag")
+            phase = Phase.BACKWARD if tag == "is_backward" else Phase.FORWARD
+            category = (Category.GRADIENT if node in gradient_nodes else
+                        Category.ACTIVATION if phase is Phase.FORWARD else Category.TEMPORARY)
+        value = node.meta.get("val")
+        refs = []
+        for tensor in _tensors(value):
+            key = StorageWeakRef(tensor.untyped_storage())
+            if key not in storage_ids:
+                nbytes = tensor.untyped_storage().nbytes()
+                storage_ids[key] = len(storages)
+                storages.append(Storage(-(-nbytes // rounding) * rounding, category))
+            refs.append(storage_ids[key])
+        target = node.target
+        inputs = tuple(dict.fromkeys(n.name for n in node.all_input_nodes))
+        moved = sum(t.untyped_storage().nbytes() for n in node.all_input_nodes
+                    for t in _tensors(n.meta.get("val")))
+        nodes.append(Node(
+            name=node.name, phase=phase, inputs=inputs, storages=tuple(dict.fromkeys(refs)),
+            op="getitem" if target is operator.getitem else str(target),
+            module_path=_module_path(node), must_save=_must_save(node),
+            mutated=phase is Phase.PRIMAL and _target(node) in mutated,
+            state_inputs=_state_inputs(node),
+            is_tensor=isinstance(value, torch.Tensor),
+            flops=_flops(node) if node.op == "call_function" else 0,
+            bytes_moved=moved + sum(storages[s].nbytes for s in refs),
+        ))
+    for name in bwd_outputs:  # a gradient is often a view of a temporary: its storage is a gradient
+        for s in nodes[[n.name for n in nodes].index(name.name)].storages:
+            storages[s] = Storage(storages[s].nbytes, Category.GRADIENT)
+    return JointGraph(nodes=tuple(nodes), storages=tuple(storages),
+                      forward_outputs=tuple(n.name for n in fwd_outputs),
+                      user_output_count=user_outputs,
+                      backward_outputs=tuple(n.name for n in bwd_outputs))
+
+
+def device_of(model: torch.nn.Module, flat_inputs: Sequence[Any]) -> torch.device:
+    for tensor in [*model.parameters(), *model.buffers(), *_tensors(flat_inputs)]:
+        return tensor.device
+    return torch.device("cpu")
+
+
+def capture(model: torch.nn.Module, args: tuple, kwargs: dict, planner: Planner,
+            split: Callable[[fx.GraphModule, JointGraph, Program, int], tuple[fx.GraphModule, fx.GraphModule]],
+            compile_graph: Callable[[fx.GraphModule], Callable[..., Any]]) -> tuple[CapturedStep, Any]:
+    """Trace, plan and split one training step; returns the step and the output spec."""
+    gm, out_spec, user_outputs = _flat_module(model, args, kwargs)
+    flat_inputs = pytree.tree_leaves((args, kwargs))
+    device = device_of(model, flat_inputs)
+    rounding = CUDA_ALLOCATOR_ROUNDING if device.type == "cuda" else 1
+    param_count = len(list(gm.named_parameters(remove_duplicate=False)))
+    buffer_count = len(list(gm.named_buffers(remove_duplicate=False)))
+    result: dict[str, Any] = {}
+
+    def partition(joint: fx.GraphModule, _inputs: Any, *, num_fwd_outputs: int, **_: Any):
+        graph = joint_to_ir(joint, num_fwd_outputs, user_outputs=user_outputs,
+                            param_count=param_count, buffer_count=buffer_count, rounding=rounding)
+        program = planner(graph)
+        result.update(graph=graph, program=program, joint=joint)
+        return split(joint, graph, program, num_fwd_outputs)
+
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fake_inputs = [fake_mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in flat_inputs]
+    run = aot_module_simplified(gm, fake_inputs, fw_compiler=lambda g, _: compile_graph(g),
+                                bw_compiler=lambda g, _: compile_graph(g), partition_fn=partition)
+    if "graph" not in result:
+        raise CaptureError(
+            f"{type(model).__name__}'s step has no backward: no parameter or input requires a "
+            "gradient, so there is nothing to plan. Call the model directly.")
+    return CapturedStep(run=run, graph=result["graph"], program=result["program"],
+                        fx_joint=result["joint"]), out_spec

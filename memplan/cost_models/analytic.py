@@ -1,0 +1,53 @@
+"""A roofline: time = launch + max(FLOPs / rate, bytes moved / bandwidth).
+
+On a fast GPU small kernels are launch-bound, so eager recomputation of many small ops costs far
+more than their FLOPs say; the launch term carries that. Rates are measured, not datasheet:
+H100 and H200 rows come from copies and matrix products timed on those machines.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from memplan.graph import JointGraph, Node
+
+
+@dataclass(frozen=True)
+class DeviceRates:
+    fp32_flops_per_s: float
+    bytes_per_s: float
+    launch_s: float
+
+
+DEVICES = {
+    "h100": DeviceRates(fp32_flops_per_s=50e12, bytes_per_s=3.0e12, launch_s=5e-6),
+    "h200": DeviceRates(fp32_flops_per_s=50e12, bytes_per_s=4.3e12, launch_s=5e-6),
+    "cpu": DeviceRates(fp32_flops_per_s=100e9, bytes_per_s=20e9, launch_s=2e-6),
+}
+
+_FREE_OPS = ("getitem", "aten.t.", "aten.view.", "aten.detach.", "aten.expand.",
+             "aten.permute.", "aten.unsqueeze.", "aten.squeeze.", "aten.alias.",
+             "aten._unsafe_view.", "aten.slice.", "aten.select.", "aten.transpose.")
+
+
+@dataclass(frozen=True)
+class AnalyticCostModel:
+    rates: DeviceRates = DEVICES["cpu"]
+
+    def node_time_s(self, node: Node) -> float:
+        if not node.op or node.op.startswith(_FREE_OPS):
+            return 0.0
+        return self.rates.launch_s + max(node.flops / self.rates.fp32_flops_per_s,
+                                         node.bytes_moved / self.rates.bytes_per_s)
+
+    def times(self, graph: JointGraph) -> dict[str, float]:
+        return {node.name: self.node_time_s(node) for node in graph.nodes}
+
+
+def for_device(device_type: str, device_name: str = "") -> AnalyticCostModel:
+    """The table row for a device: by name for known GPUs, else a generic GPU or the CPU."""
+    name = device_name.lower()
+    for key in ("h200", "h100"):
+        if key in name:
+            return AnalyticCostModel(DEVICES[key])
+    return AnalyticCostModel(DEVICES["h100" if device_type == "cuda" else "cpu"])

@@ -1,0 +1,112 @@
+"""The IR: the joint forward+backward graph as plain data, free of torch.
+
+Capture turns an ATen joint graph into a :class:`JointGraph`; everything after it (liveness,
+programs, solvers, report) reads only this. A node computes one op; its value refers to one or
+more *storages* (a view refers to its base's storage, a multi-output op to one storage per
+output). Memory is counted per storage, so aliases are never counted twice.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from functools import cached_property
+
+import networkx as nx
+
+
+class Phase(str, enum.Enum):
+    PRIMAL = "primal"  # parameters, buffers and user inputs: resident for the whole step
+    TANGENT = "tangent"  # incoming gradients of the outputs
+    FORWARD = "forward"
+    BACKWARD = "backward"
+
+
+class Category(str, enum.Enum):
+    PARAMETER = "parameter"
+    BUFFER = "buffer"
+    INPUT = "input"
+    ACTIVATION = "activation"  # forward values, saved or recomputed for backward
+    TEMPORARY = "temporary"  # backward values that are not gradients, tangents
+    GRADIENT = "gradient"
+
+
+@dataclass(frozen=True)
+class Storage:
+    nbytes: int
+    category: Category
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    phase: Phase
+    inputs: tuple[str, ...]  # producers this node reads, in argument order, without repeats
+    storages: tuple[int, ...]  # storages its value refers to (aliases included)
+    op: str = ""
+    module_path: str = ""
+    must_save: bool = False  # never recomputed: drawn from the RNG, or a buffer's new value
+    mutated: bool = False  # a primal the step writes (BatchNorm running statistics)
+    state_inputs: tuple[str, ...] = ()  # mutated primals it reads without their value mattering
+    is_tensor: bool = True  # False for tuples of outputs and symbolic sizes
+    flops: int = 0
+    bytes_moved: int = 0  # bytes read plus bytes written, for the roofline
+
+
+@dataclass(frozen=True)
+class JointGraph:
+    """The training step: nodes in the joint graph's topological order."""
+
+    nodes: tuple[Node, ...]
+    storages: tuple[Storage, ...]
+    forward_outputs: tuple[str, ...]  # mutated buffers' new values first, then the user outputs
+    user_output_count: int
+    backward_outputs: tuple[str, ...]  # gradients, one per primal that needs one
+
+    @cached_property
+    def index(self) -> dict[str, int]:
+        return {node.name: i for i, node in enumerate(self.nodes)}
+
+    def __getitem__(self, name: str) -> Node:
+        return self.nodes[self.index[name]]
+
+    @cached_property
+    def users(self) -> dict[str, tuple[str, ...]]:
+        users: dict[str, list[str]] = {node.name: [] for node in self.nodes}
+        for node in self.nodes:
+            for name in node.inputs:
+                users[name].append(node.name)
+        return {name: tuple(u) for name, u in users.items()}
+
+    @cached_property
+    def allocates(self) -> dict[str, tuple[int, ...]]:
+        """Storages each node creates: the first node (in joint order) that refers to them."""
+        seen: set[int] = set()
+        out: dict[str, tuple[int, ...]] = {}
+        for node in self.nodes:
+            new = tuple(s for s in node.storages if s not in seen)
+            seen.update(new)
+            out[node.name] = new
+        return out
+
+    def nodes_of(self, phase: Phase) -> list[Node]:
+        return [node for node in self.nodes if node.phase is phase]
+
+    @cached_property
+    def resident_bytes(self) -> int:
+        """Bytes of parameters, buffers and inputs: held by their owners all step long."""
+        return sum(self.storages[s].nbytes for s in self._primal_storages)
+
+    @cached_property
+    def _primal_storages(self) -> frozenset[int]:
+        return frozenset(s for n in self.nodes_of(Phase.PRIMAL) for s in n.storages)
+
+    def to_networkx(self) -> nx.DiGraph:
+        """The op/value graph as networkx, one vertex per node with its attributes."""
+        g = nx.DiGraph()
+        for node in self.nodes:
+            nbytes = sum(self.storages[s].nbytes for s in self.allocates[node.name])
+            g.add_node(node.name, phase=node.phase.value, op=node.op, nbytes=nbytes,
+                       module_path=node.module_path, flops=node.flops)
+            g.add_edges_from((src, node.name) for src in node.inputs)
+        return g

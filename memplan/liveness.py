@@ -1,0 +1,179 @@
+"""The memory simulator: live bytes at every step of one training step, and where the peak is.
+
+It replays a :class:`~memplan.program.Program` the way the executor runs it: parameters, buffers
+and inputs are resident throughout; the forward graph frees each value after its last use; the
+saved values live until their last use in backward (the backward receives them in a list it
+clears, so each is freed as soon as backward is done with it); the user's outputs live until the
+end of the step; the tangents are allocated when backward starts; gradients are kept.
+
+Memory is counted per storage instance: a view adds nothing, a recomputation allocates anew.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from memplan.graph import Category, JointGraph, Phase
+from memplan.program import Program
+
+_Key = tuple[int, int]  # (storage id, instance: step that allocated it, or a negative tag)
+_FORWARD, _TANGENT, _RESIDENT = -1, -2, -3
+
+
+@dataclass(frozen=True)
+class Timeline:
+    peak_bytes: int
+    peak_step: int  # index into ``steps``
+    steps: tuple[str, ...]  # "forward:<node>" / "backward:<node>", in execution order
+    live_bytes: tuple[int, ...]  # at each step, while the node's output is being written
+    peak_breakdown: dict[str, int] = field(default_factory=dict)  # category -> bytes at the peak
+
+    @property
+    def peak_node(self) -> str:
+        return self.steps[self.peak_step]
+
+
+class _Ledger:
+    """Reference-counted storage instances, with live bytes in total and per category."""
+
+    def __init__(self, graph: JointGraph):
+        self.graph = graph
+        self.holders: dict[_Key, int] = {}
+        self.live = 0
+        self.by_category = {c: 0 for c in Category}
+        for s in sorted(graph._primal_storages):
+            self.by_category[graph.storages[s].category] += graph.storages[s].nbytes
+        self.resident = graph.resident_bytes
+
+    def allocate(self, key: _Key) -> None:
+        storage = self.graph.storages[key[0]]
+        self.holders[key] = 0
+        self.live += storage.nbytes
+        self.by_category[storage.category] += storage.nbytes
+
+    def hold(self, keys: tuple[_Key, ...]) -> None:
+        for key in keys:
+            if key[1] != _RESIDENT:
+                self.holders[key] += 1
+
+    def release(self, keys: tuple[_Key, ...]) -> None:
+        for key in keys:
+            if key[1] == _RESIDENT:
+                continue
+            self.holders[key] -= 1
+            if self.holders[key] == 0:
+                del self.holders[key]
+                storage = self.graph.storages[key[0]]
+                self.live -= storage.nbytes
+                self.by_category[storage.category] -= storage.nbytes
+
+    @property
+    def total(self) -> int:
+        return self.resident + self.live
+
+
+def _keys(graph: JointGraph, name: str, instance: int, input_keys: list[tuple[_Key, ...]]) -> tuple[_Key, ...]:
+    """Storage instances a node's value refers to: its own new ones, else those of its inputs."""
+    own = set(graph.allocates[name])
+    inherited = {key[0]: key for keys in input_keys for key in keys}
+    out = []
+    for s in graph[name].storages:
+        if s in own:
+            out.append((s, instance))
+        else:
+            out.append(inherited.get(s, (s, _FORWARD)))
+    return tuple(out)
+
+
+def simulate(graph: JointGraph, program: Program) -> Timeline:
+    ledger = _Ledger(graph)
+    steps: list[str] = []
+    live: list[int] = []
+    best = (-1, 0, {})
+
+    def record(label: str) -> None:
+        nonlocal best
+        steps.append(label)
+        live.append(ledger.total)
+        if ledger.total > best[0]:
+            best = (ledger.total, len(steps) - 1,
+                    {c.value: b for c, b in ledger.by_category.items() if b})
+
+    resident_keys = {}
+    for node in graph.nodes_of(Phase.PRIMAL):
+        resident_keys[node.name] = tuple((s, _RESIDENT) for s in node.storages)
+
+    # Forward: one instance per node, freed after its last forward use unless handed on.
+    fw_keys: dict[str, tuple[_Key, ...]] = {}
+    position = {name: i for i, name in enumerate(program.forward)}
+    last_use = dict(position)
+    for name in program.forward:
+        for src in graph[name].inputs:
+            if src in position:
+                last_use[src] = max(last_use[src], position[name])
+    handed_on = set(graph.forward_outputs) | set(program.saved)
+    dying: dict[int, list[str]] = {}
+    for name, step in last_use.items():
+        if name not in handed_on:
+            dying.setdefault(step, []).append(name)
+    for i, name in enumerate(program.forward):
+        inputs = [fw_keys.get(src) or resident_keys.get(src, ()) for src in graph[name].inputs]
+        for s in graph.allocates[name]:
+            ledger.allocate((s, _FORWARD))
+        keys = _keys(graph, name, _FORWARD, inputs)
+        ledger.hold(keys)
+        fw_keys[name] = keys
+        record(f"forward:{name}")
+        for dead in dying.get(i, ()):
+            ledger.release(fw_keys[dead])
+    # Backward: placeholders are the saved values and the tangents; a name may be recomputed
+    # more than once, and every use reads its latest instance.
+    placeholder_keys = {name: fw_keys.get(name) or resident_keys[name] for name in program.saved}
+    for name in program.saved:  # the backward's input list takes a reference
+        ledger.hold(placeholder_keys[name])
+    mutations = graph.forward_outputs[:len(graph.forward_outputs) - graph.user_output_count]
+    for name in mutations:  # the runtime copies them into the buffers, then drops them
+        ledger.release(fw_keys.get(name, ()))
+    for name in program.saved:  # the forward's own reference ends with the forward
+        if name in fw_keys and name not in graph.forward_outputs:
+            ledger.release(fw_keys[name])
+    for node in graph.nodes_of(Phase.TANGENT):
+        for s in node.storages:
+            ledger.allocate((s, _TANGENT))
+        placeholder_keys[node.name] = tuple((s, _TANGENT) for s in node.storages)
+        ledger.hold(placeholder_keys[node.name])
+
+    binding: list[list[tuple[str, int]]] = []  # per step: (input name, instance step or -1)
+    latest: dict[str, int] = {}
+    for j, name in enumerate(program.backward):
+        binding.append([(src, latest.get(src, -1)) for src in graph[name].inputs])
+        latest[name] = j
+    last_bind: dict[tuple[str, int], int] = {}
+    for j, inputs in enumerate(binding):
+        for ref in inputs:
+            last_bind[ref] = j
+    keep_to_end = {(name, latest[name]) for name in graph.backward_outputs if name in latest}
+    bw_dying: dict[int, list[tuple[str, int]]] = {}
+    for j, name in enumerate(program.backward):
+        if (name, j) not in keep_to_end:
+            bw_dying.setdefault(last_bind.get((name, j), j), []).append((name, j))
+    for ref, j in last_bind.items():
+        if ref[1] == -1 and ref[0] in placeholder_keys and ref[0] not in resident_keys:
+            bw_dying.setdefault(j, []).append(ref)
+
+    bw_keys: dict[tuple[str, int], tuple[_Key, ...]] = {}
+    for j, name in enumerate(program.backward):
+        inputs = [bw_keys[ref] if ref[1] >= 0 else placeholder_keys.get(ref[0]) or
+                  resident_keys.get(ref[0], ()) for ref in binding[j]]
+        for s in graph.allocates[name]:
+            ledger.allocate((s, j))
+        keys = _keys(graph, name, j, inputs)
+        ledger.hold(keys)
+        bw_keys[(name, j)] = keys
+        record(f"backward:{name}")
+        for ref in bw_dying.get(j, ()):
+            ledger.release(bw_keys[ref] if ref[1] >= 0 else placeholder_keys[ref[0]])
+
+    peak, step, breakdown = best if best[0] >= 0 else (ledger.total, 0, {})
+    return Timeline(peak_bytes=peak, peak_step=step, steps=tuple(steps), live_bytes=tuple(live),
+                    peak_breakdown=breakdown)

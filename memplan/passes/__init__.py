@@ -1,0 +1,1 @@
+"""Graph rewrites that apply a plan to fx graphs."""

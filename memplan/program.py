@@ -1,0 +1,138 @@
+"""What the executor runs for a given saved set: the forward order and the backward order.
+
+This mirrors, node for node, the graphs that ``memplan.passes.partition`` builds, so that the
+simulator in :mod:`memplan.liveness` predicts the memory of the code that really runs:
+
+1. Complete the saved set: every primal that backward reaches is saved (it costs nothing, its
+   owner holds it), and so is every random value (recomputing it would draw new numbers).
+2. Backward computes every value it needs and does not receive as an input: the recompute set.
+3. Forward runs, in joint order, the nodes that produce its outputs and the saved values.
+4. Backward runs in the order the autograd engine would: walking the backward nodes in joint
+   order, each one is preceded by the not-yet-computed nodes it depends on, in joint order, so
+   a recomputation happens just before its first use (``reordering_to_mimic_autograd_engine``).
+
+A backward order may name a forward node more than once (recursive schedules recompute a value
+again after freeing it); every use then reads the latest computation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+from memplan.graph import JointGraph, Node, Phase
+
+
+@dataclass(frozen=True)
+class Program:
+    forward: tuple[str, ...]
+    saved: tuple[str, ...]  # forward values handed to backward, in joint order
+    backward: tuple[str, ...]
+
+    @property
+    def recomputed(self) -> tuple[str, ...]:
+        seen: dict[str, None] = {}
+        saved = set(self.saved)
+        for name in self.backward:
+            if name not in saved:
+                seen.setdefault(name, None)
+        return tuple(seen)
+
+
+def candidates(graph: JointGraph) -> list[Node]:
+    """Forward tensor values a schedule may choose to save."""
+    return [n for n in graph.nodes_of(Phase.FORWARD) if n.is_tensor]
+
+
+def must_save(graph: JointGraph, node: Node) -> bool:
+    """Recomputing it would change it: it is random, or it reads a buffer the step mutates."""
+    return node.must_save or any(graph[i].mutated for i in node.inputs
+                                 if i not in node.state_inputs)
+
+
+def complete_saved_set(graph: JointGraph, keep: Iterable[str]) -> tuple[frozenset[str], list[str]]:
+    """Steps 1 and 2: the saved set backward really receives, and what it recomputes."""
+    keep = set(keep)
+    saved: set[str] = set()
+    recompute: set[str] = set()
+    stack = [name for name in graph.backward_outputs]
+    seen: set[str] = set()
+    while stack:
+        name = stack.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        node = graph[name]
+        if node.phase is Phase.TANGENT:
+            continue
+        if node.phase is Phase.PRIMAL or (node.phase is Phase.FORWARD and (
+                name in keep or must_save(graph, node))):
+            saved.add(name)
+            continue
+        if node.phase is Phase.FORWARD:
+            recompute.add(name)
+        stack.extend(node.inputs)
+    index = graph.index
+    return frozenset(saved), sorted(recompute, key=index.__getitem__)
+
+
+def forward_order(graph: JointGraph, saved: frozenset[str]) -> tuple[str, ...]:
+    """Step 3: ancestors of the forward outputs and the saved values, in joint order."""
+    needed: set[str] = set()
+    stack = list(graph.forward_outputs) + list(saved)
+    while stack:
+        name = stack.pop()
+        if name in needed:
+            continue
+        needed.add(name)
+        stack.extend(graph[name].inputs)
+    return tuple(n.name for n in graph.nodes
+                 if n.name in needed and n.phase is Phase.FORWARD)
+
+
+def backward_order(graph: JointGraph, saved: frozenset[str]) -> tuple[str, ...]:
+    """Step 4: the backward nodes, each preceded by what it needs, in joint order."""
+    needed: set[str] = set()
+    stack = list(graph.backward_outputs)
+    while stack:
+        name = stack.pop()
+        node = graph[name]
+        if name in needed or name in saved or node.phase in (Phase.PRIMAL, Phase.TANGENT):
+            continue
+        needed.add(name)
+        stack.extend(node.inputs)
+    index = graph.index
+    tangent_users = [index[u] for n in graph.nodes_of(Phase.TANGENT) for u in graph.users[n.name]]
+    first_backward = min(tangent_users, default=0)
+
+    order: list[str] = []
+    done: set[str] = set()
+
+    def insert(name: str) -> None:
+        pending: set[str] = set()
+        frontier = [name]
+        while frontier:
+            current = frontier.pop()
+            if current in done or current in pending or current not in needed:
+                continue
+            pending.add(current)
+            frontier.extend(graph[current].inputs)
+        for current in sorted(pending, key=index.__getitem__):
+            order.append(current)
+            done.add(current)
+
+    ordered = sorted(needed, key=index.__getitem__)
+    for name in ordered:
+        if index[name] >= first_backward:
+            insert(name)
+    for name in ordered:  # backward nodes that no tangent reaches, e.g. a zero gradient
+        insert(name)
+    return tuple(order)
+
+
+def build_program(graph: JointGraph, keep: Iterable[str]) -> Program:
+    """The single-level program: save ``keep`` (completed), recompute the rest once."""
+    saved, _ = complete_saved_set(graph, keep)
+    return Program(forward=forward_order(graph, saved),
+                   saved=tuple(sorted(saved, key=graph.index.__getitem__)),
+                   backward=backward_order(graph, saved))

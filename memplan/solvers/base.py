@@ -1,0 +1,53 @@
+"""What every solver returns, and the one way a program is costed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from memplan.graph import JointGraph, Phase
+from memplan.liveness import Timeline, simulate
+from memplan.program import Program
+
+
+@dataclass(frozen=True)
+class SolverConfig:
+    node_time_s: Mapping[str, float] = field(default_factory=dict)  # from a cost model
+    grid_points: int = 24  # segment budgets tried by the Chen greedy grid search
+
+
+@dataclass(frozen=True)
+class StepSchedule:
+    """A solver's answer, with its evidence."""
+
+    method: str
+    program: Program
+    timeline: Timeline
+    recompute_s: float  # predicted time spent recomputing
+    step_s: float  # predicted time of the step without recomputation
+    solve_time_s: float = 0.0
+    feasible: bool = True
+    reason: str = ""
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.timeline.peak_bytes
+
+    @property
+    def overhead(self) -> float:
+        return self.recompute_s / self.step_s if self.step_s else 0.0
+
+
+def evaluate(graph: JointGraph, program: Program, budget_bytes: int, *, method: str,
+             config: SolverConfig) -> StepSchedule:
+    times = config.node_time_s
+    step_s = sum(times.get(n.name, 0.0) for n in graph.nodes
+                 if n.phase in (Phase.FORWARD, Phase.BACKWARD))
+    recompute_s = sum(times.get(name, 0.0) for name in program.backward
+                      if graph[name].phase is Phase.FORWARD)
+    timeline = simulate(graph, program)
+    fits = timeline.peak_bytes <= budget_bytes
+    return StepSchedule(method=method, program=program, timeline=timeline,
+                        recompute_s=recompute_s, step_s=step_s, feasible=fits,
+                        reason="" if fits else
+                        f"peak {timeline.peak_bytes} B exceeds the budget {budget_bytes} B")

@@ -1,0 +1,52 @@
+"""``chen-greedy``: Chen et al. 2016, Algorithm 3 (memory-planned checkpointing) with its grid
+search over the segment budget ``b``.
+
+Walk the forward order accumulating the bytes each node allocates; once more than ``b`` has
+accumulated since the last cut, cut at the cheapest position since it. Each ``b`` of a geometric
+grid gives one program; the cheapest one that fits the budget wins (the smallest peak when none
+fits, so that the caller can name the minimum).
+"""
+
+from __future__ import annotations
+
+from memplan.graph import JointGraph
+from memplan.program import build_program
+from memplan.solvers.base import SolverConfig, StepSchedule, evaluate
+from memplan.solvers.segments import Cuts, cheapest_cut, find_cuts
+
+
+def greedy_boundaries(cuts: Cuts, segment_bytes: float) -> list[int]:
+    boundaries: list[int] = []
+    start, accumulated = 0, 0
+    for p, nbytes in enumerate(cuts.allocated_bytes):
+        accumulated += nbytes
+        if accumulated > segment_bytes and p > start:
+            cut = cheapest_cut(cuts, start, p + 1)
+            boundaries.append(cut)
+            start = cut + 1
+            accumulated = sum(cuts.allocated_bytes[start:p + 1])
+    return boundaries
+
+
+def segment_budgets(cuts: Cuts, points: int) -> list[float]:
+    total = max(1, sum(cuts.allocated_bytes))
+    smallest = max(1.0, total / max(1, len(cuts.order)))
+    if points <= 1:
+        return [total]
+    ratio = (total / smallest) ** (1 / (points - 1))
+    return [smallest * ratio ** i for i in range(points)]
+
+
+def solve(graph: JointGraph, budget_bytes: int, *, config: SolverConfig) -> StepSchedule:
+    cuts = find_cuts(graph)
+    tried: dict[frozenset[str], StepSchedule] = {}
+    for segment_bytes in segment_budgets(cuts, config.grid_points):
+        keep = frozenset(cuts.keep(greedy_boundaries(cuts, segment_bytes)))
+        if keep not in tried:
+            tried[keep] = evaluate(graph, build_program(graph, keep), budget_bytes,
+                                   method="chen-greedy", config=config)
+    schedules = list(tried.values())
+    fitting = [s for s in schedules if s.feasible]
+    if fitting:
+        return min(fitting, key=lambda s: (s.recompute_s, s.peak_bytes))
+    return min(schedules, key=lambda s: (s.peak_bytes, s.recompute_s))
