@@ -104,6 +104,11 @@ class Plan:
         return self._result().chosen.overhead
 
     @property
+    def minimum_peak_bytes(self) -> int:
+        """The smallest predicted peak any schedule reached: the least budget worth asking for."""
+        return min(s.peak_bytes for s in self._result().alternatives)
+
+    @property
     def method(self) -> str:
         return self._result().chosen.method
 
