@@ -23,6 +23,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.flop_counter import flop_registry
 
+from memplan.cost_models.workspace import measure_workspaces
 from memplan.errors import CaptureError
 from memplan.graph import Category, JointGraph, Node, Phase, Storage
 from memplan.program import Program
@@ -65,10 +66,16 @@ def _flat_module(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[fx.
     return gm, out_spec, user_outputs
 
 
+# Checks export inserts (``.to()`` becomes ``_assert_tensor_metadata``): they produce nothing, and
+# as impure nodes they would survive into the forward graph without being part of the Program.
+_EXPORT_ASSERTS = (torch.ops.aten._assert_tensor_metadata.default,)
+
+
 def _drop_guard_calls(gm: fx.GraphModule) -> None:
     """Exported modules check their input guards in-graph; the planned module checks shapes itself."""
     for node in list(gm.graph.nodes):
-        if node.op == "call_module" and node.target == "_guards_fn":
+        if ((node.op == "call_module" and node.target == "_guards_fn")
+                or (node.op == "call_function" and node.target in _EXPORT_ASSERTS)):
             gm.graph.erase_node(node)
     if hasattr(gm, "_guards_fn"):
         delattr(gm, "_guards_fn")
@@ -129,7 +136,8 @@ def _flops(node: fx.Node) -> int:
 
 
 def joint_to_ir(joint: fx.GraphModule, num_fwd_outputs: int, *, user_outputs: int,
-                param_count: int, buffer_count: int, rounding: int) -> JointGraph:
+                param_count: int, buffer_count: int, rounding: int,
+                workspaces: dict[str, int] | None = None, ambient_bytes: int = 0) -> JointGraph:
     """The fx joint graph as a JointGraph: storages from the fake values' aliasing."""
     storage_ids: dict[StorageWeakRef, int] = {}
     storages: list[Storage] = []
@@ -182,6 +190,7 @@ def joint_to_ir(joint: fx.GraphModule, num_fwd_outputs: int, *, user_outputs: in
             is_tensor=isinstance(value, torch.Tensor),
             flops=_flops(node) if node.op == "call_function" else 0,
             bytes_moved=moved + sum(storages[s].nbytes for s in refs),
+            workspace_bytes=(workspaces or {}).get(node.name, 0),
         ))
     for name in bwd_outputs:  # a gradient is often a view of a temporary: its storage is a gradient
         for s in nodes[[n.name for n in nodes].index(name.name)].storages:
@@ -189,7 +198,22 @@ def joint_to_ir(joint: fx.GraphModule, num_fwd_outputs: int, *, user_outputs: in
     return JointGraph(nodes=tuple(nodes), storages=tuple(storages),
                       forward_outputs=tuple(n.name for n in fwd_outputs),
                       user_output_count=user_outputs,
-                      backward_outputs=tuple(n.name for n in bwd_outputs))
+                      backward_outputs=tuple(n.name for n in bwd_outputs),
+                      ambient_bytes=ambient_bytes)
+
+
+def _ambient_bytes(model: torch.nn.Module, flat_inputs: Sequence[Any], device: torch.device) -> int:
+    """Memory on the CUDA device that the step does not own but its peak includes: other
+    tensors of the process and the cuBLAS workspaces (created here if they do not exist yet)."""
+    if device.type != "cuda":
+        return 0
+    torch.ones(8, 8, device=device).mm(torch.ones(8, 8, device=device))  # cuBLAS workspaces
+    owned = {StorageWeakRef(t.untyped_storage()): t.untyped_storage().nbytes()
+             for t in [*model.parameters(), *model.buffers(), *_tensors(flat_inputs),
+                       *(p.grad for p in model.parameters() if p.grad is not None)]
+             if t.device == device}
+    owned_bytes = sum(-(-n // CUDA_ALLOCATOR_ROUNDING) * CUDA_ALLOCATOR_ROUNDING for n in owned.values())
+    return max(0, torch.cuda.memory_allocated(device) - owned_bytes)
 
 
 def device_of(model: torch.nn.Module, flat_inputs: Sequence[Any]) -> torch.device:
@@ -212,7 +236,9 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, planner: Planner,
 
     def partition(joint: fx.GraphModule, _inputs: Any, *, num_fwd_outputs: int, **_: Any):
         graph = joint_to_ir(joint, num_fwd_outputs, user_outputs=user_outputs,
-                            param_count=param_count, buffer_count=buffer_count, rounding=rounding)
+                            param_count=param_count, buffer_count=buffer_count, rounding=rounding,
+                            workspaces=measure_workspaces(joint, device),
+                            ambient_bytes=_ambient_bytes(model, flat_inputs, device))
         program = planner(graph)
         result.update(graph=graph, program=program, joint=joint)
         return split(joint, graph, program, num_fwd_outputs)

@@ -51,6 +51,7 @@ class Node:
     is_tensor: bool = True  # False for tuples of outputs and symbolic sizes
     flops: int = 0
     bytes_moved: int = 0  # bytes read plus bytes written, for the roofline
+    workspace_bytes: int = 0  # scratch memory held only while the op runs (cuDNN workspaces)
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class JointGraph:
     forward_outputs: tuple[str, ...]  # mutated buffers' new values first, then the user outputs
     user_output_count: int
     backward_outputs: tuple[str, ...]  # gradients, one per primal that needs one
+    ambient_bytes: int = 0  # other memory on the device during the step (cuBLAS workspaces, ...)
 
     @cached_property
     def index(self) -> dict[str, int]:
@@ -94,8 +96,8 @@ class JointGraph:
 
     @cached_property
     def resident_bytes(self) -> int:
-        """Bytes of parameters, buffers and inputs: held by their owners all step long."""
-        return sum(self.storages[s].nbytes for s in self._primal_storages)
+        """Bytes held all step long: parameters, buffers, inputs, and the device's other memory."""
+        return self.ambient_bytes + sum(self.storages[s].nbytes for s in self._primal_storages)
 
     @cached_property
     def _primal_storages(self) -> frozenset[int]:

@@ -91,13 +91,17 @@ def simulate(graph: JointGraph, program: Program) -> Timeline:
     live: list[int] = []
     best = (-1, 0, {})
 
-    def record(label: str) -> None:
+    def record(label: str, workspace_bytes: int = 0) -> None:
         nonlocal best
+        total = ledger.total + workspace_bytes
         steps.append(label)
-        live.append(ledger.total)
-        if ledger.total > best[0]:
-            best = (ledger.total, len(steps) - 1,
-                    {c.value: b for c, b in ledger.by_category.items() if b})
+        live.append(total)
+        if total > best[0]:
+            breakdown = {c.value: b for c, b in ledger.by_category.items() if b}
+            for name, nbytes in (("workspace", workspace_bytes), ("other", graph.ambient_bytes)):
+                if nbytes:
+                    breakdown[name] = nbytes
+            best = (total, len(steps) - 1, breakdown)
 
     resident_keys = {}
     for node in graph.nodes_of(Phase.PRIMAL):
@@ -123,7 +127,7 @@ def simulate(graph: JointGraph, program: Program) -> Timeline:
         keys = _keys(graph, name, _FORWARD, inputs)
         ledger.hold(keys)
         fw_keys[name] = keys
-        record(f"forward:{name}")
+        record(f"forward:{name}", graph[name].workspace_bytes)
         for dead in dying.get(i, ()):
             ledger.release(fw_keys[dead])
     # Backward: placeholders are the saved values and the tangents; a name may be recomputed
@@ -170,7 +174,7 @@ def simulate(graph: JointGraph, program: Program) -> Timeline:
         keys = _keys(graph, name, j, inputs)
         ledger.hold(keys)
         bw_keys[(name, j)] = keys
-        record(f"backward:{name}")
+        record(f"backward:{name}", graph[name].workspace_bytes)
         for ref in bw_dying.get(j, ()):
             ledger.release(bw_keys[ref] if ref[1] >= 0 else placeholder_keys[ref[0]])
 

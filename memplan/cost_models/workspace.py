@@ -1,0 +1,59 @@
+"""Scratch memory an op takes on the GPU beyond its outputs, measured once per distinct call.
+
+cuDNN convolutions allocate workspaces through the caching allocator for the duration of the
+call: they count in ``max_memory_allocated`` and can set the step's peak. Each distinct
+convolution (op, shapes, strides, dtypes, arguments) runs once on the real device with random
+inputs, and its workspace is the peak it reached beyond its inputs and outputs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+_MEASURED_OPS = (torch.ops.aten.convolution.default, torch.ops.aten.convolution_backward.default)
+
+
+def _real(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return torch.randn(value.shape, dtype=value.dtype, device=device) \
+            if value.is_floating_point() else torch.zeros(value.shape, dtype=value.dtype, device=device)
+    return value
+
+
+def _key(node: fx.Node) -> str:
+    def describe(v: Any) -> Any:
+        if isinstance(v, fx.Node):
+            val = v.meta.get("val")
+            return (tuple(val.shape), val.dtype, tuple(val.stride())) if isinstance(val, torch.Tensor) else None
+        return v
+    return repr((node.target, pytree.tree_map(describe, (node.args, node.kwargs))))
+
+
+def measure_workspaces(joint: fx.GraphModule, device: torch.device) -> dict[str, int]:
+    """Workspace bytes per node name, for the convolutions of the joint graph on ``device``."""
+    if device.type != "cuda":
+        return {}
+    by_key: dict[str, int] = {}
+    result: dict[str, int] = {}
+    for node in joint.graph.nodes:
+        if node.target not in _MEASURED_OPS:
+            continue
+        key = _key(node)
+        if key not in by_key:
+            args, kwargs = pytree.tree_map_only(
+                fx.Node, lambda n: _real(n.meta.get("val"), device), (node.args, node.kwargs))
+            torch.cuda.synchronize(device)
+            before = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            out = node.target(*args, **kwargs)
+            torch.cuda.synchronize(device)
+            outputs = sum(-(-t.untyped_storage().nbytes() // 512) * 512
+                          for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
+            by_key[key] = max(0, torch.cuda.max_memory_allocated(device) - before - outputs)
+            del args, kwargs, out
+        result[node.name] = by_key[key]
+    return result
