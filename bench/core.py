@@ -44,6 +44,7 @@ def measure(module: torch.nn.Module, x: torch.Tensor, repeats: int = 5) -> tuple
     for p in module.parameters():
         p.grad = None
     torch.cuda.reset_peak_memory_stats()
+    measure.start_bytes = torch.cuda.memory_allocated()
     step(module, x)
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated()
@@ -82,6 +83,11 @@ def planned_rows(name: str, model: torch.nn.Module, x: torch.Tensor) -> list[dic
         plan_s = time.perf_counter() - start
         minimum = plan.minimum_peak_bytes
         peak, ms = measure(plan.module, x)
+        result = plan._result()
+        print(label, "allocated at step start", measure.start_bytes, "predicted resident",
+              result.graph.resident_bytes, "other", result.graph.ambient_bytes,
+              "peak breakdown", result.chosen.timeline.peak_breakdown, "at",
+              result.chosen.timeline.peak_node, flush=True)
         rows.append(dict(model=name, config=f"{label} ({plan.method})", peak=peak, ms=ms,
                          predicted=plan.predicted_peak_bytes, budget=plan.budget_bytes,
                          overhead=plan.predicted_overhead, plan_s=plan_s))

@@ -66,16 +66,22 @@ def _flat_module(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[fx.
     return gm, out_spec, user_outputs
 
 
-# Checks export inserts (``.to()`` becomes ``_assert_tensor_metadata``): they produce nothing, and
-# as impure nodes they would survive into the forward graph without being part of the Program.
-_EXPORT_ASSERTS = (torch.ops.aten._assert_tensor_metadata.default,)
+# Checks that tracing ``.to()`` leaves in the graph: they produce nothing, and as impure nodes
+# they would survive into the forward graph without being part of the Program.
+_METADATA_CHECKS = (torch.ops.aten._assert_tensor_metadata.default,)
+
+
+def _drop_metadata_checks(joint: fx.GraphModule) -> None:
+    for node in list(joint.graph.nodes):
+        if node.op == "call_function" and node.target in _METADATA_CHECKS and not node.users:
+            joint.graph.erase_node(node)
+    joint.recompile()
 
 
 def _drop_guard_calls(gm: fx.GraphModule) -> None:
     """Exported modules check their input guards in-graph; the planned module checks shapes itself."""
     for node in list(gm.graph.nodes):
-        if ((node.op == "call_module" and node.target == "_guards_fn")
-                or (node.op == "call_function" and node.target in _EXPORT_ASSERTS)):
+        if node.op == "call_module" and node.target == "_guards_fn":
             gm.graph.erase_node(node)
     if hasattr(gm, "_guards_fn"):
         delattr(gm, "_guards_fn")
@@ -235,6 +241,7 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, planner: Planner,
     result: dict[str, Any] = {}
 
     def partition(joint: fx.GraphModule, _inputs: Any, *, num_fwd_outputs: int, **_: Any):
+        _drop_metadata_checks(joint)
         graph = joint_to_ir(joint, num_fwd_outputs, user_outputs=user_outputs,
                             param_count=param_count, buffer_count=buffer_count, rounding=rounding,
                             workspaces=measure_workspaces(joint, device),

@@ -18,10 +18,12 @@ _MEASURED_OPS = (torch.ops.aten.convolution.default, torch.ops.aten.convolution_
 
 
 def _real(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return torch.randn(value.shape, dtype=value.dtype, device=device) \
-            if value.is_floating_point() else torch.zeros(value.shape, dtype=value.dtype, device=device)
-    return value
+    """A real tensor like the fake one, strides included: a non-contiguous argument makes
+    cuDNN copy it, and that copy is part of the op's scratch memory."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    tensor = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device=device)
+    return tensor.normal_() if value.is_floating_point() else tensor.zero_()
 
 
 def _key(node: fx.Node) -> str:

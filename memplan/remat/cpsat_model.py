@@ -129,39 +129,58 @@ def _hint_resident_by_stage(graph: Graph, hint: list[int]) -> list[set[int]]:
 
 
 def build_model(graph: Graph, budget_bytes: int, plan: SlotPlan, hint_slots: list[int] | None):
-    """The CP-SAT model, its x variables per slot and r variables per slot; hints set if given."""
+    """The CP-SAT model and its x variables per slot (plus the cost scale); hints set if given."""
     model = cp_model.CpModel()
-    n_slots = len(plan.cands)
-    x = [{v: model.NewBoolVar(f"x{s}_{v}") for v in plan.cands[s]} for s in range(n_slots)]
+    x = [{v: model.NewBoolVar(f"x{s}_{v}") for v in plan.cands[s]} for s in range(len(plan.cands))]
     r = _residency_vars(model, plan)
     for rv in r[0].values() if r else ():
         model.Add(rv == 0)  # nothing is resident before the first compute
-    for s in range(n_slots):
+    _link(model, graph, plan, x, r)
+    passive_bytes = _memory(model, graph, budget_bytes, plan, x, r)
+    for v in range(len(graph)):
+        model.AddBoolOr([xs[v] for xs in x if v in xs])
+    scale = _time_scale(graph)
+    model.Minimize(sum(xv * round(graph.time[v] * scale) for xs in x for v, xv in xs.items()))
+    _symmetry(model, plan, x)
+    if hint_slots is not None:
+        _add_hint(model, graph, x, r, passive_bytes, hint_slots)
+    return model, x, scale
+
+
+def _link(model, graph: Graph, plan: SlotPlan, x, r) -> None:
+    """Inputs resident while computing; a value resident only if resident or computed a slot before."""
+    for s in range(len(x)):
         for v, xv in x[s].items():
             if plan.forced[s] == v:
                 model.Add(xv == 1)
             for p in graph.preds[v]:
                 model.AddImplication(xv, r[s][p]) if p in r[s] else model.Add(xv == 0)
-        nxt = r[s + 1] if s + 1 < n_slots else {}
-        for v, rv in nxt.items():
-            prev = [r[s][v]] if v in r[s] else []
-            prev += [x[s][v]] if v in x[s] else []
+        for v, rv in (r[s + 1] if s + 1 < len(x) else {}).items():
+            prev = ([r[s][v]] if v in r[s] else []) + ([x[s][v]] if v in x[s] else [])
             if not prev:
                 model.Add(rv == 0)
-            elif not (len(prev) == 1 and prev[0] is rv):
+            elif not (len(prev) == 1 and prev[0] is rv):  # a stage's shared passive variable
                 model.Add(rv <= sum(prev))
-        terms = [rv * graph.bytes[v] for v, rv in r[s].items() if graph.bytes[v]]
+
+
+def _memory(model, graph: Graph, budget_bytes: int, plan: SlotPlan, x, r):
+    """Peak constraint at every slot. A stage's passive values enter through one sum variable,
+    which keeps the constraints linear in the model size. Returns [(var, {node: r var})]."""
+    passive_bytes, stage_sum = [], None
+    for s in range(len(x)):
+        if s == 0 or plan.stage[s] != plan.stage[s - 1]:
+            shared = {v: r[s][v] for v in sorted(plan.passive[s]) if graph.bytes[v]}
+            stage_sum = None
+            if shared:
+                stage_sum = model.NewIntVar(0, sum(graph.bytes[v] for v in shared), f"passive{s}")
+                model.Add(stage_sum == sum(rv * graph.bytes[v] for v, rv in shared.items()))
+                passive_bytes.append((stage_sum, shared))
+        terms = [rv * graph.bytes[v] for v, rv in r[s].items() if graph.bytes[v] and v not in plan.passive[s]]
         terms += [xv * graph.bytes[v] for v, xv in x[s].items() if graph.bytes[v]]
+        terms += [stage_sum] if stage_sum is not None else []
         if terms:
             model.Add(sum(terms) <= budget_bytes)
-    for v in range(len(graph)):
-        model.AddBoolOr([x[s][v] for s in range(n_slots) if v in x[s]])
-    scale = _time_scale(graph)
-    model.Minimize(sum(xv * round(graph.time[v] * scale) for xs in x for v, xv in xs.items()))
-    _symmetry(model, plan, x)
-    if hint_slots is not None:
-        _add_hint(model, graph, plan, x, r, hint_slots)
-    return model, x, scale
+    return passive_bytes
 
 
 def _residency_vars(model, plan: SlotPlan) -> list[dict[int, cp_model.IntVar]]:
@@ -189,7 +208,7 @@ def _time_scale(graph: Graph) -> float:
     return 10 ** max(0, 6 - int(math.log10(max(max(graph.time), 1e-12))))
 
 
-def _add_hint(model, graph: Graph, plan: SlotPlan, x, r, hint_slots: list[int]) -> None:
+def _add_hint(model, graph: Graph, x, r, passive_bytes, hint_slots: list[int]) -> None:
     """hint_slots[s]: the node computed at slot s, or -1; residency follows by earliest frees."""
     before = resident_before(graph, [v for v in hint_slots if v >= 0])
     k, hinted = 0, set()
@@ -201,3 +220,6 @@ def _add_hint(model, graph: Graph, plan: SlotPlan, x, r, hint_slots: list[int]) 
         for u, xu in x[s].items():
             model.AddHint(xu, u == v)
         k += v >= 0
+    hint_of = {index: value for index, value in zip(model.Proto().solution_hint.vars, model.Proto().solution_hint.values)}
+    for stage_sum, shared in passive_bytes:
+        model.AddHint(stage_sum, sum(graph.bytes[u] * hint_of[ru.Index()] for u, ru in shared.items()))

@@ -51,11 +51,16 @@ def solve(problem: Graph, budget_bytes: int, *, config: SolverConfig) -> Schedul
         return infeasible("cpsat", f"staged model needs a heuristic plan to start from; {reasons}", start_s)
     else:
         plan, hint_slots = _staged(cpsat_model, problem, hint, config)
+    heuristic_s = time.perf_counter() - start_s
     model, x, scale = cpsat_model.build_model(problem, budget_bytes, plan, hint_slots)
+    build_s = time.perf_counter() - start_s - heuristic_s
     solver = _solver(config, config.time_limit_s - (time.perf_counter() - start_s))
     status = solver.Solve(model)
     status_name = solver.StatusName(status)
-    model_desc = f"{'exact' if plan.exact else 'staged'} model, {len(plan.cands)} slots, CP-SAT {status_name}"
+    model_desc = (
+        f"{'exact' if plan.exact else 'staged'} model, {len(plan.cands)} slots, CP-SAT {status_name} "
+        f"(heuristics {heuristic_s:.1f} s, model build {build_s:.1f} s, search {solver.WallTime():.1f} s)"
+    )
     hint_desc = f"hint {hint.method} cost {hint.total_cost}" if hint else f"no hint ({reasons})"
     if status_name in ("OPTIMAL", "FEASIBLE"):
         computes = [v for xs in x for v, xv in xs.items() if solver.Value(xv)]
@@ -67,7 +72,7 @@ def solve(problem: Graph, budget_bytes: int, *, config: SolverConfig) -> Schedul
         detail = f"{model_desc}, model bound {bound:g}, {hint_desc}"
         return dataclasses.replace(sched, gap=gap, detail=detail)
     if hint is not None:
-        detail = f"{model_desc} after {solver.WallTime():.1f} s; fell back to the hint"
+        detail = f"{model_desc}; fell back to the hint"
         return dataclasses.replace(hint, solve_time_s=time.perf_counter() - start_s, detail=detail)
     why = "proven infeasible" if plan.complete and status_name == "INFEASIBLE" else "no plan found"
     return infeasible("cpsat", f"{model_desc}: {why} at {budget_bytes} B; {hint_desc}", start_s)
@@ -113,7 +118,7 @@ def _solver(config: SolverConfig, time_left_s: float):
     from ortools.sat.python import cp_model
 
     solver = cp_model.CpSolver()
-    solver.parameters.max_time_in_seconds = max(0.1, time_left_s)
+    solver.parameters.max_time_in_seconds = max(0.0, time_left_s)
     solver.parameters.num_workers = config.workers
     solver.parameters.random_seed = config.seed
     solver.parameters.interleave_search = True
