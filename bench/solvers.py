@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from memplan.remat import load_graph, solve  # noqa: E402
-from memplan.remat.registry import SolverConfig, get, names  # noqa: E402
+from memplan.remat.registry import SolverConfig, get  # noqa: E402
 
 log = logging.getLogger("bench.solvers")
 FRACTIONS = (0.8, 0.9)
@@ -39,6 +39,23 @@ MOCCASIN = {
     ("n100", 0.9): "optimal ×1.0079 (42 s)",
     **{(g, f): "no solution in 90–180 s" for g in ("n250", "n500", "n1000") for f in FRACTIONS},
 }
+
+
+NOTES = [
+    "## How to read this",
+    "",
+    "- `cpsat` first runs both greedy heuristics (their time counts against the limit), then solves the"
+    " staged CP-SAT model warm-started from the cheaper plan; 'by greedy-…' means CP-SAT returned no"
+    " plan in the time left and the heuristic plan was returned (the row says so under 'what ran').",
+    "- The staged model (graphs > 12 nodes) fixes the stored topological order and only considers"
+    " recomputations near the heuristic's, so 'CP-SAT OPTIMAL' there is optimal for that restricted model,"
+    " not for the graph: `gap` is then only bounded by 'every node computed once' (the no-recompute cost)."
+    " Moccasin's 'optimal' is likewise within its own restriction (≤ 2 computations per node).",
+    "- `auto` is `cpsat` when OR-Tools is installed (it is here), so its rows repeat `cpsat`'s.",
+    "- VGG16 at 0.8 is infeasible for every schedule: one backward node with its inputs needs more"
+    " than the budget (memplan reports this floor directly).",
+    "",
+]
 
 
 def short_name(path: Path) -> str:
@@ -117,6 +134,7 @@ def write(rows: list[dict], out: Path, args: argparse.Namespace, wall_s: float) 
         "|---|---|---|---|---|---|---|---|",
         *[fmt_row(r) for r in rows],
         "",
+        *NOTES,
         "## Against the Moccasin reference (DESIGN.md)",
         "",
         *comparison(rows),

@@ -8,6 +8,7 @@
 from memplan.api import Plan, optimize
 from memplan.budget import parse_budget
 from memplan.errors import BudgetError, CaptureError, InfeasibleBudgetError, InternalError, MemplanError
+from memplan.remat import Graph, Schedule, load_graph, solve
 
-__all__ = ["BudgetError", "CaptureError", "InfeasibleBudgetError", "InternalError", "MemplanError",
-           "Plan", "optimize", "parse_budget"]
+__all__ = ["BudgetError", "CaptureError", "Graph", "InfeasibleBudgetError", "InternalError",
+           "MemplanError", "Plan", "Schedule", "load_graph", "optimize", "parse_budget", "solve"]

@@ -24,6 +24,10 @@ def solve(
 ) -> Schedule:
     """Cheapest schedule of `graph` whose peak stays within `budget_bytes`.
 
+    Semantics in schedule.py (Checkmate's convention: sinks need not stay resident at the end).
+    A budget no schedule can meet gives `Schedule(feasible=False, reason=...)`; malformed input
+    raises ValueError.
+
     `method="auto"` runs cpsat (warm-started, falling back to the greedy plan) when OR-Tools is
     installed, else the cheaper greedy plan; `Schedule.method` names what produced the plan.
 

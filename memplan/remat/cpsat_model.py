@@ -9,6 +9,9 @@ says v is resident just before slot s. Frees need no variables: r may drop any v
     sum_s x[s, v] >= 1                                 every node computed
     minimise sum_{s, v} x[s, v] time_v
 
+Size: r[., v] only matters at slots that compute or read v ("touches"); between two touches keeping
+v longer never helps, so one variable per segment between touches stands for all of r[., v], and
+the memory at slot s is carried by an integer M[s] updated only by the segments that change there.
 Two slot plans: `exact_plan` lets every slot compute any node (complete when the slot count bounds
 the optimum's number of computes); `staged_plan` fixes Checkmate's stages over the topological
 order (stage t = some recomputes in index order, then t) and restricts recomputes to a heuristic
@@ -28,30 +31,18 @@ from memplan.remat.schedule import events_from_computes
 
 @dataclasses.dataclass(frozen=True)
 class SlotPlan:
-    """`cands[s]`: nodes slot s may compute; `forced[s]`: the node slot s must compute, or -1;
-    `resident[s]`: nodes that may be resident before slot s; `passive[s]`: those whose residency
-    cannot change inside the slot's stage (one variable shared by the stage)."""
+    """`cands[s]`: nodes slot s may compute; `forced[s]`: the node it must compute, or -1."""
 
     cands: tuple[tuple[int, ...], ...]
     forced: tuple[int, ...]
-    resident: tuple[tuple[int, ...], ...]
     stage: tuple[int, ...]
-    passive: tuple[frozenset[int], ...]
     complete: bool  # every optimal schedule fits this plan
     exact: bool  # any slot may compute any node
 
 
 def exact_plan(graph: Graph, n_slots: int, complete: bool) -> SlotPlan:
     every = tuple(range(len(graph)))
-    return SlotPlan(
-        cands=(every,) * n_slots,
-        forced=(-1,) * n_slots,
-        resident=(every,) * n_slots,
-        stage=tuple(range(n_slots)),
-        passive=(frozenset(),) * n_slots,
-        complete=complete,
-        exact=True,
-    )
+    return SlotPlan((every,) * n_slots, (-1,) * n_slots, tuple(range(n_slots)), complete, True)
 
 
 def staged_plan(graph: Graph, hint: list[int], shift_stages: int) -> SlotPlan:
@@ -61,22 +52,13 @@ def staged_plan(graph: Graph, hint: list[int], shift_stages: int) -> SlotPlan:
     for t, v in _hint_stages(hint):
         for u in range(max(v + 1, t - shift_stages), min(n, t + shift_stages + 1)):
             recompute[u].add(v)
-    last_use = [max(s, default=i) for i, s in enumerate(graph.succs)]
-    hint_resident = _hint_resident_by_stage(graph, hint)
-    cands, forced, resident, stage, passive = [], [], [], [], []
+    cands, forced, stage = [], [], []
     for t in range(n):
-        slots = sorted(recompute[t]) + [t]
-        active = set(slots) | {p for v in slots for p in graph.preds[v]}
-        live = {v for v in range(t) if last_use[v] >= t} | hint_resident[t] | active
-        live.discard(t)
-        res = tuple(sorted(live | set(slots[:-1])))
-        for v in slots:
+        for v in sorted(recompute[t]) + [t]:
             cands.append((v,))
             forced.append(t if v == t else -1)
-            resident.append(res)
             stage.append(t)
-            passive.append(frozenset(live - active))
-    return SlotPlan(tuple(cands), tuple(forced), tuple(resident), tuple(stage), tuple(passive), False, False)
+    return SlotPlan(tuple(cands), tuple(forced), tuple(stage), False, False)
 
 
 def hint_stage_of(hint: list[int]) -> list[int]:
@@ -117,78 +99,54 @@ def resident_before(graph: Graph, computes: list[int]) -> list[frozenset[int]]:
     return out
 
 
-def _hint_resident_by_stage(graph: Graph, hint: list[int]) -> list[set[int]]:
-    """Values resident at the start of each stage when the hint runs with earliest frees."""
-    out: list[set[int]] = [set() for _ in graph.names]
-    before = resident_before(graph, hint)
-    stage_of = hint_stage_of(hint)
-    for k, t in enumerate(stage_of):
-        if k == 0 or stage_of[k - 1] != t:
-            out[t] = set(before[k])
-    return out
-
-
 def build_model(graph: Graph, budget_bytes: int, plan: SlotPlan, hint_slots: list[int] | None):
     """The CP-SAT model and its x variables per slot (plus the cost scale); hints set if given."""
     model = cp_model.CpModel()
     x = [{v: model.NewBoolVar(f"x{s}_{v}") for v in plan.cands[s]} for s in range(len(plan.cands))]
-    r = _residency_vars(model, plan)
-    for rv in r[0].values() if r else ():
-        model.Add(rv == 0)  # nothing is resident before the first compute
-    _link(model, graph, plan, x, r)
-    passive_bytes = _memory(model, graph, budget_bytes, plan, x, r)
+    seg = _segments(model, graph, plan, x)
+    mem = _memory(model, graph, budget_bytes, x, seg)
     for v in range(len(graph)):
         model.AddBoolOr([xs[v] for xs in x if v in xs])
     scale = _time_scale(graph)
     model.Minimize(sum(xv * round(graph.time[v] * scale) for xs in x for v, xv in xs.items()))
     _symmetry(model, plan, x)
     if hint_slots is not None:
-        _add_hint(model, graph, x, r, passive_bytes, hint_slots)
+        _add_hint(model, graph, x, seg, mem, hint_slots)
     return model, x, scale
 
 
-def _link(model, graph: Graph, plan: SlotPlan, x, r) -> None:
-    """Inputs resident while computing; a value resident only if resident or computed a slot before."""
-    for s in range(len(x)):
-        for v, xv in x[s].items():
+def _segments(model, graph: Graph, plan: SlotPlan, x) -> list[dict[int, tuple]]:
+    """seg[s][v] = (before, after): v's residency variable (or 0) before and after slot s, for the
+    values that slot s touches (computes or reads). Adds the precedence and existence constraints."""
+    current: dict[int, object] = {}  # node -> variable of its open segment (absent: not resident)
+    seg: list[dict[int, tuple]] = []
+    for s, xs in enumerate(x):
+        for v, xv in xs.items():
             if plan.forced[s] == v:
                 model.Add(xv == 1)
             for p in graph.preds[v]:
-                model.AddImplication(xv, r[s][p]) if p in r[s] else model.Add(xv == 0)
-        for v, rv in (r[s + 1] if s + 1 < len(x) else {}).items():
-            prev = ([r[s][v]] if v in r[s] else []) + ([x[s][v]] if v in x[s] else [])
-            if not prev:
-                model.Add(rv == 0)
-            elif not (len(prev) == 1 and prev[0] is rv):  # a stage's shared passive variable
-                model.Add(rv <= sum(prev))
+                model.AddImplication(xv, current[p]) if p in current else model.Add(xv == 0)
+        touched = sorted(set(xs) | {p for v in xs for p in graph.preds[v]})
+        seg.append({})
+        for v in touched:
+            before = current.get(v, 0)
+            after = model.NewBoolVar(f"r{s}_{v}")
+            model.Add(after <= before + xs[v]) if v in xs else model.Add(after <= before)
+            current[v] = after
+            seg[s][v] = (before, after)
+    return seg
 
 
-def _memory(model, graph: Graph, budget_bytes: int, plan: SlotPlan, x, r):
-    """Peak constraint at every slot. A stage's passive values enter through one sum variable,
-    which keeps the constraints linear in the model size. Returns [(var, {node: r var})]."""
-    passive_bytes, stage_sum = [], None
-    for s in range(len(x)):
-        if s == 0 or plan.stage[s] != plan.stage[s - 1]:
-            shared = {v: r[s][v] for v in sorted(plan.passive[s]) if graph.bytes[v]}
-            stage_sum = None
-            if shared:
-                stage_sum = model.NewIntVar(0, sum(graph.bytes[v] for v in shared), f"passive{s}")
-                model.Add(stage_sum == sum(rv * graph.bytes[v] for v, rv in shared.items()))
-                passive_bytes.append((stage_sum, shared))
-        terms = [rv * graph.bytes[v] for v, rv in r[s].items() if graph.bytes[v] and v not in plan.passive[s]]
-        terms += [xv * graph.bytes[v] for v, xv in x[s].items() if graph.bytes[v]]
-        terms += [stage_sum] if stage_sum is not None else []
-        if terms:
-            model.Add(sum(terms) <= budget_bytes)
-    return passive_bytes
-
-
-def _residency_vars(model, plan: SlotPlan) -> list[dict[int, cp_model.IntVar]]:
-    r: list[dict] = []
-    for s, res in enumerate(plan.resident):
-        shared = r[-1] if s and plan.stage[s - 1] == plan.stage[s] else {}
-        r.append({v: shared[v] if v in plan.passive[s] and v in shared else model.NewBoolVar(f"r{s}_{v}") for v in res})
-    return r
+def _memory(model, graph: Graph, budget_bytes: int, x, seg) -> list:
+    """mem[s] = bytes resident before slot s; mem[s] + outputs of slot s <= budget."""
+    total = sum(graph.bytes)
+    mem = [model.NewIntVar(0, total, f"mem{s}") for s in range(len(x) + 1)]
+    model.Add(mem[0] == 0)
+    for s, xs in enumerate(x):
+        model.Add(mem[s] + sum(xv * graph.bytes[v] for v, xv in xs.items()) <= budget_bytes)
+        delta = [(after - before) * graph.bytes[v] for v, (before, after) in seg[s].items() if graph.bytes[v]]
+        model.Add(mem[s + 1] == mem[s] + sum(delta))
+    return mem
 
 
 def _symmetry(model, plan: SlotPlan, x) -> None:
@@ -208,18 +166,18 @@ def _time_scale(graph: Graph) -> float:
     return 10 ** max(0, 6 - int(math.log10(max(max(graph.time), 1e-12))))
 
 
-def _add_hint(model, graph: Graph, x, r, passive_bytes, hint_slots: list[int]) -> None:
-    """hint_slots[s]: the node computed at slot s, or -1; residency follows by earliest frees."""
+def _add_hint(model, graph: Graph, x, seg, mem, hint_slots: list[int]) -> None:
+    """hint_slots[s]: the node computed at slot s, or -1; residency follows by earliest frees.
+
+    A segment variable opened at slot s is hinted with residency just before the next compute,
+    which is constant until v's next touch under earliest frees."""
     before = resident_before(graph, [v for v in hint_slots if v >= 0])
-    k, hinted = 0, set()
+    k = 0
     for s, v in enumerate(hint_slots):
-        for u, ru in r[s].items():
-            if ru.Index() not in hinted:  # passive variables are shared by a stage's slots
-                hinted.add(ru.Index())
-                model.AddHint(ru, u in before[k])
+        model.AddHint(mem[s], sum(graph.bytes[u] for u in before[k]))
         for u, xu in x[s].items():
             model.AddHint(xu, u == v)
         k += v >= 0
-    hint_of = {index: value for index, value in zip(model.Proto().solution_hint.vars, model.Proto().solution_hint.values)}
-    for stage_sum, shared in passive_bytes:
-        model.AddHint(stage_sum, sum(graph.bytes[u] * hint_of[ru.Index()] for u, ru in shared.items()))
+        for u, (_, after) in seg[s].items():
+            model.AddHint(after, u in before[k])
+    model.AddHint(mem[-1], sum(graph.bytes[u] for u in before[k]))

@@ -17,6 +17,7 @@ Steps:
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import time
 
@@ -25,14 +26,11 @@ from memplan.remat.registry import SolverConfig, get, register
 from memplan.remat.schedule import Schedule, build, infeasible, lower_bound_gap
 
 HEURISTICS = ("greedy-belady", "greedy-dtr")
+EXTRACT_MARGIN_S = 0.3
 
 
 def _can_solve(problem: Graph, config: SolverConfig) -> bool:
-    try:
-        import ortools.sat.python.cp_model  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("ortools") is not None
 
 
 @register("cpsat", can_solve=_can_solve)
@@ -54,7 +52,8 @@ def solve(problem: Graph, budget_bytes: int, *, config: SolverConfig) -> Schedul
     heuristic_s = time.perf_counter() - start_s
     model, x, scale = cpsat_model.build_model(problem, budget_bytes, plan, hint_slots)
     build_s = time.perf_counter() - start_s - heuristic_s
-    solver = _solver(config, config.time_limit_s - (time.perf_counter() - start_s))
+    # keep a moment for extracting and replaying the plan inside the time limit
+    solver = _solver(config, config.time_limit_s - (time.perf_counter() - start_s) - EXTRACT_MARGIN_S)
     status = solver.Solve(model)
     status_name = solver.StatusName(status)
     model_desc = (
