@@ -21,6 +21,7 @@ import torch.utils._pytree as pytree
 from torch._functorch.aot_autograd import aot_module_simplified
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.flop_counter import flop_registry
 
 from memplan.cost_models.workspace import measure_workspaces
@@ -43,6 +44,7 @@ class CapturedStep:
     graph: JointGraph
     program: Program
     fx_joint: fx.GraphModule
+    fx_compiled: list[fx.GraphModule]  # forward, then backward once aot_autograd compiles it
 
 
 def _flat_module(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[fx.GraphModule, Any, int]:
@@ -213,7 +215,9 @@ def _ambient_bytes(model: torch.nn.Module, flat_inputs: Sequence[Any], device: t
     tensors of the process and the cuBLAS workspaces (created here if they do not exist yet)."""
     if device.type != "cuda":
         return 0
-    torch.ones(8, 8, device=device).mm(torch.ones(8, 8, device=device))  # cuBLAS workspaces
+    ones = torch.ones(8, 8, device=device)
+    ones.mm(ones)  # creates the cuBLAS handle's workspace
+    torch.nn.functional.linear(ones, ones, ones[0])  # and cuBLASLt's, used by addmm with bias
     owned = {StorageWeakRef(t.untyped_storage()): t.untyped_storage().nbytes()
              for t in [*model.parameters(), *model.buffers(), *_tensors(flat_inputs),
                        *(p.grad for p in model.parameters() if p.grad is not None)]
@@ -242,21 +246,29 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, planner: Planner,
 
     def partition(joint: fx.GraphModule, _inputs: Any, *, num_fwd_outputs: int, **_: Any):
         _drop_metadata_checks(joint)
+        with _disable_current_modes():  # aot_autograd partitions under FakeTensorMode
+            workspaces = measure_workspaces(joint, device)
+            ambient_bytes = _ambient_bytes(model, flat_inputs, device)
         graph = joint_to_ir(joint, num_fwd_outputs, user_outputs=user_outputs,
                             param_count=param_count, buffer_count=buffer_count, rounding=rounding,
-                            workspaces=measure_workspaces(joint, device),
-                            ambient_bytes=_ambient_bytes(model, flat_inputs, device))
+                            workspaces=workspaces, ambient_bytes=ambient_bytes)
         program = planner(graph)
         result.update(graph=graph, program=program, joint=joint)
         return split(joint, graph, program, num_fwd_outputs)
 
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     fake_inputs = [fake_mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in flat_inputs]
-    run = aot_module_simplified(gm, fake_inputs, fw_compiler=lambda g, _: compile_graph(g),
-                                bw_compiler=lambda g, _: compile_graph(g), partition_fn=partition)
+    compiled: list[fx.GraphModule] = []
+
+    def compile_one(graph_module: fx.GraphModule, _inputs: Any) -> Callable[..., Any]:
+        compiled.append(graph_module)
+        return compile_graph(graph_module)
+
+    run = aot_module_simplified(gm, fake_inputs, fw_compiler=compile_one, bw_compiler=compile_one,
+                                partition_fn=partition)
     if "graph" not in result:
         raise CaptureError(
             f"{type(model).__name__}'s step has no backward: no parameter or input requires a "
             "gradient, so there is nothing to plan. Call the model directly.")
     return CapturedStep(run=run, graph=result["graph"], program=result["program"],
-                        fx_joint=result["joint"]), out_spec
+                        fx_joint=result["joint"], fx_compiled=compiled), out_spec
