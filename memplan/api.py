@@ -14,9 +14,8 @@ from memplan.budget import parse_budget
 from memplan.capture import CapturedStep, capture, device_of
 from memplan.cost_models.analytic import for_device
 from memplan.errors import InfeasibleBudgetError
-from memplan.executor import PlannedModule, boxed
+from memplan.executor import PlannedModule
 from memplan.graph import JointGraph
-from memplan.passes.partition import split
 from memplan.program import Program
 from memplan.solvers import SOLVERS, SolverConfig, StepSchedule, solve, solve_auto
 
@@ -124,8 +123,10 @@ class Plan:
 
 
 def optimize(model: torch.nn.Module, budget: Any, *, example_inputs: tuple | None = None,
-             example_kwargs: dict | None = None, method: str = "auto") -> Plan:
+             example_kwargs: dict | None = None, method: str = "auto", compile: bool = False) -> Plan:
     """Plan ``model``'s training step to fit ``budget``; see ``memplan.parse_budget`` for forms.
+
+    With ``compile=True`` the planned graphs are compiled by inductor instead of run eagerly.
 
     >>> plan = optimize(model, budget="60%", example_inputs=(x,))   # doctest: +SKIP
     >>> loss_fn(plan.module(x), y).backward()                       # doctest: +SKIP
@@ -145,7 +146,7 @@ def optimize(model: torch.nn.Module, budget: Any, *, example_inputs: tuple | Non
             holder["result"] = plan_step(graph, budget, method, device)
             return holder["result"].chosen.program
 
-        step, out_spec = capture(model, args, kwargs, planner, split, boxed)
+        step, out_spec = capture(model, args, kwargs, planner, compile=compile)
         plan.latest = holder["result"]
         return step, out_spec
 

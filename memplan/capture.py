@@ -26,6 +26,9 @@ from torch.utils.flop_counter import flop_registry
 
 from memplan.cost_models.workspace import measure_workspaces
 from memplan.errors import CaptureError
+from memplan.executor import boxed
+from memplan.inductor import compile_with_inductor
+from memplan.passes.partition import split
 from memplan.graph import Category, JointGraph, Node, Phase, Storage
 from memplan.program import Program
 
@@ -146,7 +149,10 @@ def _flops(node: fx.Node) -> int:
 def joint_to_ir(joint: fx.GraphModule, num_fwd_outputs: int, *, user_outputs: int,
                 param_count: int, buffer_count: int, rounding: int,
                 workspaces: dict[str, int] | None = None, ambient_bytes: int = 0) -> JointGraph:
-    """The fx joint graph as a JointGraph: storages from the fake values' aliasing."""
+    """The fx joint graph as a JointGraph: storages from the fake values' aliasing.
+
+    The loss is modelled as the caller's ``out.float().sum().backward()`` makes it: a float32
+    scalar and the scalar gradient seed of its backward."""
     storage_ids: dict[StorageWeakRef, int] = {}
     storages: list[Storage] = []
     nodes: list[Node] = []
@@ -157,6 +163,7 @@ def joint_to_ir(joint: fx.GraphModule, num_fwd_outputs: int, *, user_outputs: in
     # aot_autograd's descriptors name what each input is and which buffers the step mutates.
     mutated = {_target(d.mutated_input) for d in output_node.meta.get("desc", ())
                if type(d).__name__ == "InputMutationAOTOutput"}
+    backward_phase = _phases(joint, set(fwd_outputs))
     primal_index = 0
     for node in joint.graph.nodes:
         if node.op == "output":
@@ -167,13 +174,13 @@ def joint_to_ir(joint: fx.GraphModule, num_fwd_outputs: int, *, user_outputs: in
             if is_tangent:
                 category = Category.TEMPORARY
             else:
-                category = (Category.PARAMETER if primal_index < param_count else
-                            Category.BUFFER if primal_index < param_count + buffer_count else
-                            Category.INPUT)
+                kind = type(node.meta.get("desc")).__name__  # e.g. ParamAOTInput
+                category = (Category.PARAMETER if "Param" in kind or primal_index < param_count else
+                            Category.BUFFER if "Buffer" in kind or primal_index < param_count + buffer_count
+                            else Category.INPUT)
                 primal_index += 1
         else:
-            tag = node.meta.get("partitioner_tag")
-            phase = Phase.BACKWARD if tag == "is_backward" else Phase.FORWARD
+            phase = backward_phase[node]
             category = (Category.GRADIENT if node in gradient_nodes else
                         Category.ACTIVATION if phase is Phase.FORWARD else Category.TEMPORARY)
         value = node.meta.get("val")
@@ -195,6 +202,7 @@ def joint_to_ir(joint: fx.GraphModule, num_fwd_outputs: int, *, user_outputs: in
             module_path=_module_path(node), must_save=_must_save(node),
             mutated=phase is Phase.PRIMAL and _target(node) in mutated,
             state_inputs=_state_inputs(node),
+            mutates=isinstance(target, torch._ops.OpOverload) and target._schema.is_mutable,
             is_tensor=isinstance(value, torch.Tensor),
             flops=_flops(node) if node.op == "call_function" else 0,
             bytes_moved=moved + sum(storages[s].nbytes for s in refs),
@@ -207,7 +215,7 @@ def joint_to_ir(joint: fx.GraphModule, num_fwd_outputs: int, *, user_outputs: in
                       forward_outputs=tuple(n.name for n in fwd_outputs),
                       user_output_count=user_outputs,
                       backward_outputs=tuple(n.name for n in bwd_outputs),
-                      ambient_bytes=ambient_bytes)
+                      ambient_bytes=ambient_bytes, loss_bytes=2 * -(-4 // rounding) * rounding)
 
 
 def _ambient_bytes(model: torch.nn.Module, flat_inputs: Sequence[Any], device: torch.device) -> int:
@@ -226,29 +234,51 @@ def _ambient_bytes(model: torch.nn.Module, flat_inputs: Sequence[Any], device: t
     return max(0, torch.cuda.memory_allocated(device) - owned_bytes)
 
 
+def _phases(joint: fx.GraphModule, forward_outputs: set[fx.Node]) -> dict[fx.Node, Phase]:
+    """Backward: what depends on a tangent, or is tagged backward and feeds only backward.
+
+    Joint-graph passes (inductor's CSE, decompositions) can leave a node tagged backward that a
+    forward value needs; such a node runs in the forward."""
+    phases: dict[fx.Node, Phase] = {}
+    tangent_dependent: set[fx.Node] = set()
+    for node in joint.graph.nodes:
+        if (node.op == "placeholder" and node.name.startswith("tangents")) or any(
+                i in tangent_dependent for i in node.all_input_nodes):
+            tangent_dependent.add(node)
+    for node in reversed(joint.graph.nodes):
+        if node.op in ("placeholder", "output"):
+            continue
+        tagged = node.meta.get("partitioner_tag") == "is_backward"
+        feeds_forward = node in forward_outputs or any(
+            phases.get(u) is Phase.FORWARD for u in node.users)
+        backward = node in tangent_dependent or (tagged and not feeds_forward)
+        phases[node] = Phase.BACKWARD if backward else Phase.FORWARD
+    return phases
+
+
 def device_of(model: torch.nn.Module, flat_inputs: Sequence[Any]) -> torch.device:
     for tensor in [*model.parameters(), *model.buffers(), *_tensors(flat_inputs)]:
         return tensor.device
     return torch.device("cpu")
 
 
-def capture(model: torch.nn.Module, args: tuple, kwargs: dict, planner: Planner,
-            split: Callable[[fx.GraphModule, JointGraph, Program, int], tuple[fx.GraphModule, fx.GraphModule]],
-            compile_graph: Callable[[fx.GraphModule], Callable[..., Any]]) -> tuple[CapturedStep, Any]:
-    """Trace, plan and split one training step; returns the step and the output spec."""
-    gm, out_spec, user_outputs = _flat_module(model, args, kwargs)
-    flat_inputs = pytree.tree_leaves((args, kwargs))
-    device = device_of(model, flat_inputs)
+Partition = Callable[..., tuple[fx.GraphModule, fx.GraphModule]]
+
+
+def make_partition(planner: Planner, result: dict[str, Any], *, device: torch.device,
+                   user_outputs: int, param_count: int, buffer_count: int,
+                   model: torch.nn.Module | None = None, flat_inputs: Sequence[Any] = ()) -> Partition:
+    """The partition function aot_autograd calls with the joint graph: IR, plan, split.
+
+    What it planned is left in ``result`` (graph, program, joint). Without ``model`` (the
+    torch.compile path, where inputs are fake) the device's other memory is not measured."""
     rounding = CUDA_ALLOCATOR_ROUNDING if device.type == "cuda" else 1
-    param_count = len(list(gm.named_parameters(remove_duplicate=False)))
-    buffer_count = len(list(gm.named_buffers(remove_duplicate=False)))
-    result: dict[str, Any] = {}
 
     def partition(joint: fx.GraphModule, _inputs: Any, *, num_fwd_outputs: int, **_: Any):
         _drop_metadata_checks(joint)
         with _disable_current_modes():  # aot_autograd partitions under FakeTensorMode
             workspaces = measure_workspaces(joint, device)
-            ambient_bytes = _ambient_bytes(model, flat_inputs, device)
+            ambient_bytes = _ambient_bytes(model, flat_inputs, device) if model is not None else 0
         graph = joint_to_ir(joint, num_fwd_outputs, user_outputs=user_outputs,
                             param_count=param_count, buffer_count=buffer_count, rounding=rounding,
                             workspaces=workspaces, ambient_bytes=ambient_bytes)
@@ -256,16 +286,35 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, planner: Planner,
         result.update(graph=graph, program=program, joint=joint)
         return split(joint, graph, program, num_fwd_outputs)
 
+    return partition
+
+
+def capture(model: torch.nn.Module, args: tuple, kwargs: dict, planner: Planner, *,
+            compile: bool = False) -> tuple[CapturedStep, Any]:
+    """Trace, plan and split one training step; returns the step and the output spec.
+
+    The graphs run eagerly as boxed fx code, or, with ``compile``, through inductor."""
+    gm, out_spec, user_outputs = _flat_module(model, args, kwargs)
+    flat_inputs = pytree.tree_leaves((args, kwargs))
+    result: dict[str, Any] = {}
+    partition = make_partition(
+        planner, result, device=device_of(model, flat_inputs), user_outputs=user_outputs,
+        param_count=len(list(gm.named_parameters(remove_duplicate=False))),
+        buffer_count=len(list(gm.named_buffers(remove_duplicate=False))),
+        model=model, flat_inputs=flat_inputs)
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     fake_inputs = [fake_mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in flat_inputs]
     compiled: list[fx.GraphModule] = []
 
     def compile_one(graph_module: fx.GraphModule, _inputs: Any) -> Callable[..., Any]:
         compiled.append(graph_module)
-        return compile_graph(graph_module)
+        return boxed(graph_module)
 
-    run = aot_module_simplified(gm, fake_inputs, fw_compiler=compile_one, bw_compiler=compile_one,
-                                partition_fn=partition)
+    if compile:
+        run = compile_with_inductor(gm, fake_inputs, partition)
+    else:
+        run = aot_module_simplified(gm, fake_inputs, fw_compiler=compile_one,
+                                    bw_compiler=compile_one, partition_fn=partition)
     if "graph" not in result:
         raise CaptureError(
             f"{type(model).__name__}'s step has no backward: no parameter or input requires a "

@@ -48,6 +48,7 @@ class Node:
     must_save: bool = False  # never recomputed: drawn from the RNG, or a buffer's new value
     mutated: bool = False  # a primal the step writes (BatchNorm running statistics)
     state_inputs: tuple[str, ...] = ()  # mutated primals it reads without their value mattering
+    mutates: bool = False  # writes an input in place (copy_ into a buffer): always runs
     is_tensor: bool = True  # False for tuples of outputs and symbolic sizes
     flops: int = 0
     bytes_moved: int = 0  # bytes read plus bytes written, for the roofline
@@ -64,6 +65,7 @@ class JointGraph:
     user_output_count: int
     backward_outputs: tuple[str, ...]  # gradients, one per primal that needs one
     ambient_bytes: int = 0  # other memory on the device during the step (cuBLAS workspaces, ...)
+    loss_bytes: int = 0  # the loss the caller computes from the outputs, and its gradient seed
 
     @cached_property
     def index(self) -> dict[str, int]:

@@ -4,7 +4,8 @@ It replays a :class:`~memplan.program.Program` the way the executor runs it: par
 and inputs are resident throughout; the forward graph frees each value after its last use; the
 saved values live until their last use in backward (the backward receives them in a list it
 clears, so each is freed as soon as backward is done with it); the user's outputs live until the
-end of the step; the tangents are allocated when backward starts; gradients are kept.
+end of the step; the loss (a scalar and its gradient seed) and the tangents are allocated when
+backward starts; gradients are kept.
 
 Memory is counted per storage instance: a view adds nothing, a recomputation allocates anew.
 """
@@ -141,6 +142,8 @@ def simulate(graph: JointGraph, program: Program) -> Timeline:
     for name in program.saved:  # the forward's own reference ends with the forward
         if name in fw_keys and name not in graph.forward_outputs:
             ledger.release(fw_keys[name])
+    ledger.live += graph.loss_bytes
+    ledger.by_category[Category.TEMPORARY] += graph.loss_bytes
     for node in graph.nodes_of(Phase.TANGENT):
         for s in node.storages:
             ledger.allocate((s, _TANGENT))

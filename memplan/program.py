@@ -77,9 +77,11 @@ def complete_saved_set(graph: JointGraph, keep: Iterable[str]) -> tuple[frozense
 
 
 def forward_order(graph: JointGraph, saved: frozenset[str]) -> tuple[str, ...]:
-    """Step 3: ancestors of the forward outputs and the saved values, in joint order."""
+    """Step 3: ancestors of the forward outputs, the saved values and the in-place writes
+    (buffer updates kept in the graph), in joint order."""
     needed: set[str] = set()
-    stack = list(graph.forward_outputs) + list(saved)
+    writes = [n.name for n in graph.nodes_of(Phase.FORWARD) if n.mutates]
+    stack = list(graph.forward_outputs) + list(saved) + writes
     while stack:
         name = stack.pop()
         if name in needed:

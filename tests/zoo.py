@@ -45,7 +45,7 @@ def gpt2() -> Case:
                                      resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1, use_cache=False)
     config._attn_implementation = "eager"
     model = transformers.GPT2LMHeadModel(config)
-    return Case(model, (_tokens(2, 16, 128),), {"return_dict": False}, random=True)
+    return Case(model, (_tokens(8, 64, 128),), {"return_dict": False}, random=True)
 
 
 def bert() -> Case:
@@ -56,7 +56,7 @@ def bert() -> Case:
                                      attention_probs_dropout_prob=0.1)
     config._attn_implementation = "eager"
     model = transformers.BertModel(config)
-    ids = _tokens(2, 16, 128)
+    ids = _tokens(8, 64, 128)
     return Case(model, (ids,), {"attention_mask": torch.ones_like(ids), "return_dict": False},
                 random=True)
 
@@ -68,7 +68,7 @@ def llama() -> Case:
                                       max_position_embeddings=64, use_cache=False)
     config._attn_implementation = "eager"
     model = transformers.LlamaForCausalLM(config)
-    return Case(model, (_tokens(2, 16, 128),), {"return_dict": False})
+    return Case(model, (_tokens(8, 64, 128),), {"return_dict": False})
 
 
 def resnet18() -> Case:
@@ -98,7 +98,7 @@ def timm_resnet10t() -> Case:
 
 def mlp_example() -> Case:
     example = load_example("mlp")
-    return Case(example.model(), example.example_inputs(), random=True)
+    return Case(example.model(), example.example_inputs(512), random=True)
 
 
 class NestedIO(nn.Module):
@@ -119,8 +119,8 @@ class NestedIO(nn.Module):
 
 
 def nested_io() -> Case:
-    return Case(NestedIO(), (torch.randn(8, 32),),
-                {"context": torch.randn(8, 16), "scale": 0.5, "extra": torch.randn(8, 64)})
+    return Case(NestedIO(), (torch.randn(256, 32),),
+                {"context": torch.randn(256, 16), "scale": 0.5, "extra": torch.randn(256, 64)})
 
 
 class ViewsInPlace(nn.Module):

@@ -33,8 +33,9 @@ def split(joint: fx.GraphModule, graph: JointGraph, program: Program,
 def _check_forward(forward: fx.GraphModule, program: Program) -> None:
     computed = tuple(n.name for n in forward.graph.nodes if n.op == "call_function")
     if computed != program.forward:
-        missing = set(program.forward) ^ set(computed)
-        raise InternalError(f"forward graph differs from the program: {sorted(missing)[:10]}")
+        extra, missing = set(computed) - set(program.forward), set(program.forward) - set(computed)
+        raise InternalError(f"forward graph differs from the program: it also runs "
+                            f"{sorted(extra)[:10]} and lacks {sorted(missing)[:10]}")
 
 
 def _rebuild_backward(backward: fx.GraphModule, program: Program) -> fx.GraphModule:
