@@ -79,9 +79,9 @@ def test_lazy_plan_is_made_at_first_call_and_again_per_shape(monkeypatch):
     captures = []
     real_capture = memplan.api.capture
 
-    def counting_capture(model, args, kwargs, *rest):
+    def counting_capture(model, args, kwargs, *rest, **options):
         captures.append(tuple(args[0].shape))
-        return real_capture(model, args, kwargs, *rest)
+        return real_capture(model, args, kwargs, *rest, **options)
 
     monkeypatch.setattr(memplan.api, "capture", counting_capture)
     case = mlp_case()
