@@ -60,7 +60,11 @@ def main() -> None:
     peak, ms = measure(model, x)
     rows.append(dict(config="naive eager", peak=peak, ms=ms))
     for budget in (1.0, 0.5, 0.2):
-        rows.append(torch_compile_row(model, x, budget))
+        try:
+            rows.append(torch_compile_row(model, x, budget))
+        except Exception as error:  # an inductor failure is a result of this baseline, reported
+            print(f"torch.compile budget {budget} failed: {type(error).__name__}: {error}"[:300])
+            continue
         print(rows[-1], flush=True)
     row, minimum = memplan_row(model, x, "50%", compile=True)
     rows.append(row)
