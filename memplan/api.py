@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -126,13 +127,18 @@ def optimize(model: torch.nn.Module, budget: Any, *, example_inputs: tuple | Non
              example_kwargs: dict | None = None, method: str = "auto", compile: bool = False) -> Plan:
     """Plan ``model``'s training step to fit ``budget``; see ``memplan.parse_budget`` for forms.
 
-    With ``compile=True`` the planned graphs are compiled by inductor instead of run eagerly.
+    With ``compile=True`` the planned graphs are compiled by inductor instead of run eagerly; the
+    predicted peak is then the eager executor's, which inductor's memory does not follow yet.
 
     >>> plan = optimize(model, budget="60%", example_inputs=(x,))   # doctest: +SKIP
     >>> loss_fn(plan.module(x), y).backward()                       # doctest: +SKIP
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: choose one of {list(METHODS)}")
+    if compile:
+        warnings.warn("memplan: with compile=True the predicted peak is the eager executor's; "
+                      "inductor's peak is not simulated yet and can exceed the budget",
+                      stacklevel=2)
     if not isinstance(budget, (int, float, str)):
         parse_budget(budget)  # raises the error that lists the accepted forms
     plan: Plan

@@ -19,7 +19,8 @@ from memplan.inductor import compile_with_inductor
 def backend(budget: Any, *, method: str = "auto") -> Callable[..., Any]:
     """A torch.compile backend that plans the step under ``budget`` and compiles it with inductor.
 
-    The plans it made are in the backend's ``plans`` list, newest last.
+    The plans it made are in the backend's ``plans`` list, newest last. Their predicted peaks
+    are the eager executor's: inductor's memory is not simulated yet and can exceed the budget.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: choose one of {list(METHODS)}")
