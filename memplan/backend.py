@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-import torch
 import torch.fx as fx
 
 from memplan.api import METHODS, PlanResult, plan_step

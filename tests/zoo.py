@@ -10,12 +10,11 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
