@@ -29,14 +29,13 @@ from memplan.errors import CaptureError
 from memplan.executor import boxed
 from memplan.inductor import compile_with_inductor
 from memplan.passes.partition import split
-from memplan.graph import Category, JointGraph, Node, Phase, Storage
+from memplan.graph import (CUDA_ALLOCATOR_ROUNDING, Category, JointGraph, Node, Phase, Storage,
+                           allocated_bytes)
 from memplan.program import Program
 
 log = logging.getLogger(__name__)
 
 Planner = Callable[[JointGraph], Program]
-
-CUDA_ALLOCATOR_ROUNDING = 512  # every CUDA caching-allocator block is a multiple of 512 bytes
 
 
 @dataclass
@@ -190,7 +189,7 @@ def joint_to_ir(joint: fx.GraphModule, num_fwd_outputs: int, *, user_outputs: in
             if key not in storage_ids:
                 nbytes = tensor.untyped_storage().nbytes()
                 storage_ids[key] = len(storages)
-                storages.append(Storage(-(-nbytes // rounding) * rounding, category))
+                storages.append(Storage(allocated_bytes(nbytes, rounding), category))
             refs.append(storage_ids[key])
         target = node.target
         inputs = tuple(dict.fromkeys(n.name for n in node.all_input_nodes))
@@ -215,7 +214,7 @@ def joint_to_ir(joint: fx.GraphModule, num_fwd_outputs: int, *, user_outputs: in
                       forward_outputs=tuple(n.name for n in fwd_outputs),
                       user_output_count=user_outputs,
                       backward_outputs=tuple(n.name for n in bwd_outputs),
-                      ambient_bytes=ambient_bytes, loss_bytes=2 * -(-4 // rounding) * rounding)
+                      ambient_bytes=ambient_bytes, loss_bytes=2 * allocated_bytes(4, rounding))
 
 
 def _ambient_bytes(model: torch.nn.Module, flat_inputs: Sequence[Any], device: torch.device) -> int:
@@ -230,7 +229,7 @@ def _ambient_bytes(model: torch.nn.Module, flat_inputs: Sequence[Any], device: t
              for t in [*model.parameters(), *model.buffers(), *_tensors(flat_inputs),
                        *(p.grad for p in model.parameters() if p.grad is not None)]
              if t.device == device}
-    owned_bytes = sum(-(-n // CUDA_ALLOCATOR_ROUNDING) * CUDA_ALLOCATOR_ROUNDING for n in owned.values())
+    owned_bytes = sum(allocated_bytes(n, CUDA_ALLOCATOR_ROUNDING) for n in owned.values())
     return max(0, torch.cuda.memory_allocated(device) - owned_bytes)
 
 

@@ -15,6 +15,14 @@ from functools import cached_property
 import networkx as nx
 
 
+CUDA_ALLOCATOR_ROUNDING = 512  # every CUDA caching-allocator block is a multiple of 512 bytes
+
+
+def allocated_bytes(nbytes: int, rounding: int) -> int:
+    """What the allocator hands out for ``nbytes``: rounded up to a multiple of ``rounding``."""
+    return -(-nbytes // rounding) * rounding
+
+
 class Phase(str, enum.Enum):
     PRIMAL = "primal"  # parameters, buffers and user inputs: resident for the whole step
     TANGENT = "tangent"  # incoming gradients of the outputs

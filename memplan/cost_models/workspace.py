@@ -14,6 +14,8 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
+from memplan.graph import CUDA_ALLOCATOR_ROUNDING, allocated_bytes
+
 _MEASURED_OPS = (torch.ops.aten.convolution.default, torch.ops.aten.convolution_backward.default)
 
 
@@ -53,7 +55,7 @@ def measure_workspaces(joint: fx.GraphModule, device: torch.device) -> dict[str,
             torch.cuda.reset_peak_memory_stats(device)
             out = node.target(*args, **kwargs)
             torch.cuda.synchronize(device)
-            outputs = sum(-(-t.untyped_storage().nbytes() // 512) * 512
+            outputs = sum(allocated_bytes(t.untyped_storage().nbytes(), CUDA_ALLOCATOR_ROUNDING)
                           for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
             by_key[key] = max(0, torch.cuda.max_memory_allocated(device) - before - outputs)
             del args, kwargs, out
