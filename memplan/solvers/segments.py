@@ -66,6 +66,13 @@ def find_cuts(graph: JointGraph) -> Cuts:
     return Cuts(graph, order, tuple(crossing), tuple(crossing_bytes), allocated)
 
 
+def local_minima(cuts: Cuts) -> list[int]:
+    """Every local minimum of the crossing bytes: in a chain, the point between two layers."""
+    sizes = cuts.crossing_bytes
+    return [p for p in range(len(sizes) - 1)
+            if sizes[p] <= sizes[p + 1] and (p == 0 or sizes[p] <= sizes[p - 1])]
+
+
 def cheapest_cut(cuts: Cuts, start: int, stop: int) -> int:
     """The position in [start, stop) with the fewest crossing bytes; ties go to the latest."""
     return min(range(start, stop), key=lambda p: (cuts.crossing_bytes[p], -p))

@@ -1,0 +1,153 @@
+"""Multi-level schedules over a chain of stages: a tree says, for each range of stages, how its
+backward is reached; :func:`emit` turns the tree into the backward order the executor runs.
+
+The forward order is cut into stages at chosen positions (cuts, see ``segments``). A range of
+stages [s, t] is backpropagated in one of three ways:
+
+- ``Leaf(s)``: one stage: recompute what its backward nodes read, then run them;
+- ``KeepAll(s, rest)``: recompute stage s keeping everything its backward reads, backpropagate
+  ``rest`` (stages s+1..t), then stage s without recomputing;
+- ``Split(k, right, left)``: recompute forward up to the cut before stage k and keep only the
+  cut, backpropagate ``right`` (k..t), then ``left`` (s..k-1), recomputing from the cut at s.
+
+The right spine of the tree runs during the forward pass itself: what it keeps there is saved
+(:func:`spine_keep`), everything else is recomputed in backward, from the nearest value in scope.
+Chen et al.'s recursion (``log``) is a tree of bisecting splits; ``chain-dp`` chooses the tree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+from memplan.graph import JointGraph, Phase
+from memplan.program import Program, forward_order
+from memplan.solvers.segments import Cuts
+
+
+@dataclass(frozen=True)
+class Leaf:
+    stage: int
+
+
+@dataclass(frozen=True)
+class KeepAll:
+    stage: int
+    rest: "Tree"
+
+
+@dataclass(frozen=True)
+class Split:
+    stage: int  # the first stage of the right part: the cut before it is kept
+    right: "Tree"
+    left: "Tree"
+
+
+Tree = Union[Leaf, KeepAll, Split]
+
+
+@dataclass(frozen=True)
+class Stages:
+    """The forward order cut at ``boundaries`` (positions): stage i ends at boundaries[i]."""
+
+    cuts: Cuts
+    boundaries: tuple[int, ...]
+    groups: tuple[tuple[str, ...], ...]  # backward nodes of each stage, in single-level order
+    needs: tuple[frozenset[str], ...]  # forward values each stage's backward nodes read
+
+    @property
+    def count(self) -> int:
+        return len(self.groups)
+
+    def cut_before(self, stage: int) -> set[str]:
+        """The values kept at the cut that starts ``stage`` (empty before the first)."""
+        return self.cuts.keep([self.boundaries[stage - 1]]) if stage > 0 else set()
+
+
+def make_stages(graph: JointGraph, cuts: Cuts, boundaries: list[int], single_level: Program) -> Stages:
+    """Backward nodes per stage: a node belongs to the latest stage among its forward inputs,
+    never later than the node before it (backward walks the stages downwards)."""
+    stage_of_position = []
+    stage = 0
+    for p in range(len(cuts.order)):
+        stage_of_position.append(stage)
+        if stage < len(boundaries) and p == boundaries[stage]:
+            stage += 1
+    groups: list[list[str]] = [[] for _ in range(len(boundaries) + 1)]
+    current = len(boundaries)
+    for name in single_level.backward:
+        node = graph[name]
+        if node.phase is not Phase.BACKWARD:
+            continue
+        stages = [stage_of_position[cuts.position[i]] for i in node.inputs if i in cuts.position]
+        current = min(current, max(stages, default=current))
+        groups[current].append(name)
+    needs = tuple(frozenset(i for name in group for i in graph[name].inputs
+                            if graph[i].phase is Phase.FORWARD) for group in groups)
+    return Stages(cuts, tuple(boundaries), tuple(tuple(g) for g in groups), needs)
+
+
+def spine_keep(stages: Stages, tree: Tree) -> set[str]:
+    """What the forward pass keeps when it runs the tree's right spine."""
+    keep: set[str] = set()
+    while True:
+        if isinstance(tree, Split):
+            keep |= stages.cut_before(tree.stage)
+            tree = tree.right
+        elif isinstance(tree, KeepAll):
+            keep |= stages.needs[tree.stage]
+            tree = tree.rest
+        else:
+            return keep | stages.needs[tree.stage]
+
+
+class _Emitter:
+    """Builds the backward order, recomputing from the nearest value still in scope."""
+
+    def __init__(self, graph: JointGraph, stages: Stages, saved: frozenset[str], recomputed: list[str]):
+        self.graph, self.stages = graph, stages
+        self.needed = set(recomputed)  # a cut value nothing in backward needs is not rebuilt
+        self.order: list[str] = []
+        self.ready = set(saved) | {n.name for n in graph.nodes if n.phase in (Phase.PRIMAL, Phase.TANGENT)}
+
+    def materialize(self, names: set[str], scope: set[str]) -> None:
+        pending, frontier = set(), list(names)
+        while frontier:
+            name = frontier.pop()
+            if name in pending or name in scope or name in self.ready:
+                continue
+            pending.add(name)
+            frontier.extend(self.graph[name].inputs)
+        for name in sorted(pending, key=self.graph.index.__getitem__):
+            self.order.append(name)
+            scope.add(name)
+
+    def run(self, tree: Tree, scope: set[str]) -> None:
+        if isinstance(tree, Leaf):
+            scope = set(scope)
+            for name in self.stages.groups[tree.stage]:
+                forward_inputs = {i for i in self.graph[name].inputs
+                                  if self.graph[i].phase is Phase.FORWARD}
+                self.materialize(forward_inputs, scope)
+                self.order.append(name)
+                self.ready.add(name)
+        elif isinstance(tree, KeepAll):
+            scope = set(scope)
+            self.materialize(set(self.stages.needs[tree.stage]), scope)
+            self.run(tree.rest, scope)
+            self.run(Leaf(tree.stage), scope)
+        else:
+            cut = self.stages.cut_before(tree.stage) & self.needed
+            self.materialize(cut, set(scope))
+            self.run(tree.right, scope | cut)
+            self.run(tree.left, scope | cut)
+
+
+def emit(graph: JointGraph, stages: Stages, tree: Tree, saved: frozenset[str],
+         recomputed: list[str]) -> Program:
+    """The program that saves ``saved`` and backpropagates the stages as ``tree`` says."""
+    emitter = _Emitter(graph, stages, saved, recomputed)
+    emitter.run(tree, set())
+    return Program(forward=forward_order(graph, saved),
+                   saved=tuple(sorted(saved, key=graph.index.__getitem__)),
+                   backward=tuple(emitter.order))
