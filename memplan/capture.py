@@ -10,8 +10,10 @@ callable that runs the captured graphs directly: no tracing and no dynamo at cal
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import operator
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -288,6 +290,21 @@ def make_partition(planner: Planner, result: dict[str, Any], *, device: torch.de
     return partition
 
 
+# aot_autograd (torch 2.14) compiles generated wrapper source for the whole graph; on ResNet-1001
+# Python's compiler exceeds the default recursion limit on it.
+_DEEP_MODEL_RECURSION = 20_000
+
+
+@contextlib.contextmanager
+def _recursion_limit(limit: int):
+    previous = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(previous, limit))
+    try:
+        yield
+    finally:
+        sys.setrecursionlimit(previous)
+
+
 def capture(model: torch.nn.Module, args: tuple, kwargs: dict, planner: Planner, *,
             compile: bool = False) -> tuple[CapturedStep, Any]:
     """Trace, plan and split one training step; returns the step and the output spec.
@@ -309,11 +326,12 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, planner: Planner,
         compiled.append(graph_module)
         return boxed(graph_module)
 
-    if compile:
-        run = compile_with_inductor(gm, fake_inputs, partition)
-    else:
-        run = aot_module_simplified(gm, fake_inputs, fw_compiler=compile_one,
-                                    bw_compiler=compile_one, partition_fn=partition)
+    with _recursion_limit(_DEEP_MODEL_RECURSION):
+        if compile:
+            run = compile_with_inductor(gm, fake_inputs, partition)
+        else:
+            run = aot_module_simplified(gm, fake_inputs, fw_compiler=compile_one,
+                                        bw_compiler=compile_one, partition_fn=partition)
     if "graph" not in result:
         raise CaptureError(
             f"{type(model).__name__}'s step has no backward: no parameter or input requires a "

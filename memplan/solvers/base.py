@@ -14,6 +14,9 @@ from memplan.program import Program
 class SolverConfig:
     node_time_s: Mapping[str, float] = field(default_factory=dict)  # from a cost model
     grid_points: int = 24  # segment budgets tried by the Chen greedy grid search
+    dp_stages: int = 64  # the chain DP coarsens the forward order to at most this many stages
+    dp_slots: int = 128  # and discretises memory into this many slots
+    dp_candidates: int = 32  # optimal trees (one per slot count) simulated by the chain DP
 
 
 @dataclass(frozen=True)
@@ -38,13 +41,17 @@ class StepSchedule:
         return self.recompute_s / self.step_s if self.step_s else 0.0
 
 
+def recompute_seconds(graph: JointGraph, program: Program, times: Mapping[str, float]) -> float:
+    return sum(times.get(name, 0.0) for name in program.backward
+               if graph[name].phase is Phase.FORWARD)
+
+
 def evaluate(graph: JointGraph, program: Program, budget_bytes: int, *, method: str,
              config: SolverConfig) -> StepSchedule:
     times = config.node_time_s
     step_s = sum(times.get(n.name, 0.0) for n in graph.nodes
                  if n.phase in (Phase.FORWARD, Phase.BACKWARD))
-    recompute_s = sum(times.get(name, 0.0) for name in program.backward
-                      if graph[name].phase is Phase.FORWARD)
+    recompute_s = recompute_seconds(graph, program, times)
     timeline = simulate(graph, program)
     fits = timeline.peak_bytes <= budget_bytes
     return StepSchedule(method=method, program=program, timeline=timeline,

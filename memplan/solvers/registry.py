@@ -8,7 +8,7 @@ from dataclasses import replace
 from typing import Callable
 
 from memplan.graph import JointGraph
-from memplan.solvers import chen_greedy, log, none, sqrt
+from memplan.solvers import chain_dp, chen_greedy, log, none, sqrt
 from memplan.solvers.base import SolverConfig, StepSchedule
 
 logger = logging.getLogger(__name__)
@@ -20,6 +20,7 @@ SOLVERS: dict[str, Solver] = {
     "sqrt": sqrt.solve,
     "chen-greedy": chen_greedy.solve,
     "log": log.solve,
+    "chain-dp": chain_dp.solve,
 }
 
 
@@ -37,5 +38,6 @@ def solve(method: str, graph: JointGraph, budget_bytes: int, *, config: SolverCo
 def solve_auto(graph: JointGraph, budget_bytes: int, *, config: SolverConfig) -> list[StepSchedule]:
     """Every solver's schedule, the cheapest fitting one first (stable: registry order on ties)."""
     schedules = [solve(name, graph, budget_bytes, config=config) for name in SOLVERS]
+    # Ties in time go to the smaller peak, then to registry order (the sort is stable).
     return sorted(schedules, key=lambda s: (not s.feasible, s.recompute_s if s.feasible
-                                            else s.peak_bytes))
+                                            else s.peak_bytes, s.peak_bytes))

@@ -1,0 +1,182 @@
+"""``chain-dp``: the optimal multi-level schedule of a chain of stages, by dynamic programming.
+
+Beaumont, Herrmann, Pallez, Shilova, "Optimal checkpointing for heterogeneous chains" (rotor).
+The forward order is cut at its local minima of crossing bytes (coarsened to at most
+``config.dp_stages`` stages); each stage s has a forward time uf[s], a backward time ub[s], an
+input cut of x[s] bytes, the values its backward reads, and the gradients it produces. C(s, t, m)
+is the least time to backpropagate stages s..t within m memory slots, the input cut of s and the
+incoming gradient counted in m:
+
+    C(s, s, m) = uf[s] + ub[s]                              if m >= leaf[s]          (Leaf)
+    C(s, t, m) = min( uf[s] + ub[s] + C(s+1, t, m - kept[s])                         (KeepAll)
+                      min over s < k <= t of  uf[s..k-1] + C(k, t, m - x[s])
+                                                        + C(s, k-1, m - grad[k..t]) ) (Split)
+
+Memory is discretised into ``config.dp_slots`` slots, sizes rounded up. The DP's memory model is
+an estimate; the simulator is the judge: every distinct optimal tree over all slot counts becomes a
+program, and the cheapest program whose simulated peak fits wins. The candidates do not depend
+on the budget, so a larger budget never gives a slower schedule, nor a smaller one a larger peak.
+The trees of ``config.dp_candidates`` slot counts, spread over the feasible range, are simulated.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from memplan.graph import Category, JointGraph
+from memplan.program import build_program, complete_saved_set
+from memplan.solvers.base import SolverConfig, StepSchedule, evaluate, recompute_seconds
+from memplan.solvers.recursive import KeepAll, Leaf, Split, Stages, Tree, emit, make_stages, spine_keep
+from memplan.solvers.segments import Cuts, find_cuts, local_minima
+
+_KEEP_ALL = -1
+_INFEASIBLE = math.inf
+
+
+def coarsen(cuts: Cuts, boundaries: list[int], stage_count: int) -> list[int]:
+    """At most ``stage_count - 1`` boundaries: in each window of an even split of the forward
+    order, the candidate with the fewest crossing bytes (ties: the latest)."""
+    if len(boundaries) < stage_count:
+        return boundaries
+    n = len(cuts.order)
+    chosen: list[int] = []
+    for i in range(1, stage_count):
+        low, high = (i - 0.5) * n / stage_count, (i + 0.5) * n / stage_count
+        window = [p for p in boundaries if low <= p < high]
+        if window:
+            best = min(window, key=lambda p: (cuts.crossing_bytes[p], -p))
+            if not chosen or best > chosen[-1]:
+                chosen.append(best)
+    return chosen
+
+
+def _bytes(graph: JointGraph, names: set[str] | frozenset[str]) -> int:
+    resident = graph._primal_storages
+    storages = {s for name in names for s in graph[name].storages if s not in resident}
+    return sum(graph.storages[s].nbytes for s in storages)
+
+
+class ChainModel:
+    """The DP's view of the stages, in bytes and seconds."""
+
+    def __init__(self, graph: JointGraph, stages: Stages, times: dict[str, float]):
+        count = stages.count
+        position_stage = []
+        for stage, end in enumerate((*stages.boundaries, len(stages.cuts.order) - 1)):
+            position_stage += [stage] * (end + 1 - len(position_stage))
+        self.forward_s = [0.0] * count
+        for p, name in enumerate(stages.cuts.order):
+            self.forward_s[position_stage[p]] += times.get(name, 0.0)
+        self.backward_s = [sum(times.get(n, 0.0) for n in group) for group in stages.groups]
+        cuts = [stages.cut_before(s) for s in range(count)] + [set()]
+        self.cut_bytes = [_bytes(graph, c) for c in cuts]
+        self.kept_bytes, self.leaf_bytes, self.grad_bytes = [], [], []
+        for s in range(count):
+            held = set(stages.needs[s]) | cuts[s]
+            self.kept_bytes.append(_bytes(graph, held - cuts[s + 1]))
+            grads = sum(graph.storages[i].nbytes for name in stages.groups[s]
+                        for i in graph.allocates[name]
+                        if graph.storages[i].category is Category.GRADIENT)
+            self.grad_bytes.append(grads)
+            # the stage's values, its output cut, and the gradients flowing in and out
+            self.leaf_bytes.append(_bytes(graph, held | cuts[s + 1]) + self.cut_bytes[s + 1]
+                                   + self.cut_bytes[s] + grads)
+
+    @property
+    def ceiling_bytes(self) -> int:
+        """Enough memory for the tree that keeps everything (a KeepAll chain)."""
+        return sum(self.kept_bytes) + max(self.leaf_bytes) + sum(self.grad_bytes)
+
+
+def _shift(costs: np.ndarray, slots: int) -> np.ndarray:
+    """costs[m - slots] at each m: the cost with ``slots`` fewer slots available."""
+    if slots <= 0:
+        return costs
+    out = np.full_like(costs, _INFEASIBLE)
+    if slots < len(costs):
+        out[slots:] = costs[:len(costs) - slots]
+    return out
+
+
+class ChainDP:
+    """Tables C[s][t] (cost per slot count) and the choice that reached each entry."""
+
+    def __init__(self, model: ChainModel, slot_count: int):
+        count = len(model.forward_s)
+        self.count = count
+        self.unit = max(1, math.ceil(model.ceiling_bytes / slot_count))
+        up = lambda nbytes: math.ceil(nbytes / self.unit)  # noqa: E731
+        x = self.x = [up(b) for b in model.cut_bytes]
+        kept = self.kept = [up(b) for b in model.kept_bytes]
+        leaf = [up(b) for b in model.leaf_bytes]
+        grad_after = self.grad_after = [up(sum(model.grad_bytes[k:])) for k in range(count + 1)]
+        forward_from = [sum(model.forward_s[:k]) for k in range(count + 1)]
+        slots = np.arange(slot_count + 1)
+        self.cost: dict[tuple[int, int], np.ndarray] = {}
+        self.choice: dict[tuple[int, int], np.ndarray] = {}
+        for s in range(count):
+            step_s = model.forward_s[s] + model.backward_s[s]
+            self.cost[s, s] = np.where(slots >= leaf[s], step_s, _INFEASIBLE)
+            self.choice[s, s] = np.full(len(slots), _KEEP_ALL)
+        for length in range(2, count + 1):
+            for s in range(count - length + 1):
+                t = s + length - 1
+                # grad of stages s+1..t are held while stage s runs its backward
+                leaf_fits = slots - (grad_after[s + 1] - grad_after[t + 1]) >= leaf[s]
+                best = np.where(leaf_fits, model.forward_s[s] + model.backward_s[s]
+                                + _shift(self.cost[s + 1, t], kept[s]), _INFEASIBLE)
+                choice = np.full(len(slots), _KEEP_ALL)
+                for k in range(s + 1, t + 1):
+                    total = (forward_from[k] - forward_from[s] + _shift(self.cost[k, t], x[s])
+                             + _shift(self.cost[s, k - 1], grad_after[k] - grad_after[t + 1]))
+                    better = total < best
+                    best = np.where(better, total, best)
+                    choice = np.where(better, k, choice)
+                self.cost[s, t], self.choice[s, t] = best, choice
+
+    def tree(self, s: int, t: int, slots: int) -> Tree:
+        """The optimal tree for stages s..t within ``slots`` (a finite entry of the table)."""
+        if s == t:
+            return Leaf(s)
+        k = int(self.choice[s, t][slots])
+        if k == _KEEP_ALL:
+            return KeepAll(s, self.tree(s + 1, t, slots - self.kept[s]))
+        held_grads = self.grad_after[k] - self.grad_after[t + 1]
+        return Split(k, right=self.tree(k, t, slots - self.x[s]),
+                     left=self.tree(s, k - 1, slots - held_grads))
+
+
+def candidate_trees(dp: ChainDP, count: int) -> list[Tree]:
+    """The distinct optimal trees at ``count`` slot counts spread evenly over the feasible ones,
+    the cheapest (in the DP's model) first."""
+    costs = dp.cost[0, dp.count - 1]
+    feasible = np.flatnonzero(costs < _INFEASIBLE)
+    picked = feasible[np.unique(np.linspace(0, len(feasible) - 1, count).round().astype(int))]
+    trees: dict[Tree, None] = {}
+    for slots in sorted(picked, key=lambda m: (costs[m], -m)):
+        trees.setdefault(dp.tree(0, dp.count - 1, int(slots)), None)
+    return list(trees)
+
+
+def solve(graph: JointGraph, budget_bytes: int, *, config: SolverConfig) -> StepSchedule:
+    cuts = find_cuts(graph)
+    boundaries = coarsen(cuts, local_minima(cuts), config.dp_stages)
+    stages = make_stages(graph, cuts, boundaries, build_program(graph, cuts.keep(boundaries)))
+    dp = ChainDP(ChainModel(graph, stages, dict(config.node_time_s)), config.dp_slots)
+    programs = {}
+    for tree in candidate_trees(dp, config.dp_candidates):
+        saved, recomputed = complete_saved_set(graph, spine_keep(stages, tree))
+        program = emit(graph, stages, tree, saved, recomputed)
+        programs.setdefault(program, recompute_seconds(graph, program, config.node_time_s))
+    # Stable order, independent of the budget: the first that fits is the answer.
+    ordered = sorted(programs, key=programs.__getitem__)
+    smallest = None
+    for program in ordered:
+        schedule = evaluate(graph, program, budget_bytes, method="chain-dp", config=config)
+        if schedule.feasible:
+            return schedule
+        if smallest is None or schedule.peak_bytes < smallest.peak_bytes:
+            smallest = schedule
+    return smallest

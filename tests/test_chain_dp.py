@@ -1,0 +1,124 @@
+"""The chain DP against brute force over every tree, and budget monotonicity on real models.
+
+The DP is exact for its model: for every slot count, its cost equals the cheapest of all trees
+over the chain whose memory requirement fits. The requirement and cost of a tree are computed
+here from the tree alone, independently of the DP's recurrence.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import random
+from types import SimpleNamespace
+
+import pytest
+
+import memplan
+from memplan.solvers.chain_dp import ChainDP, candidate_trees
+from memplan.solvers.recursive import KeepAll, Leaf, Split
+from zoo import build
+
+
+def all_trees(s: int, t: int):
+    if s == t:
+        yield Leaf(s)
+        return
+    for rest in all_trees(s + 1, t):
+        yield KeepAll(s, rest)
+    for k in range(s + 1, t + 1):
+        for right in all_trees(k, t):
+            for left in all_trees(s, k - 1):
+                yield Split(k, right, left)
+
+
+def span(tree) -> tuple[int, int]:
+    if isinstance(tree, Leaf):
+        return tree.stage, tree.stage
+    if isinstance(tree, KeepAll):
+        return tree.stage, span(tree.rest)[1]
+    return span(tree.left)[0], span(tree.right)[1]
+
+
+def cost_and_slots(tree, chain, up) -> tuple[float, int]:
+    """Time of the tree, and the fewest slots it runs in, from first principles."""
+    s, t = span(tree)
+    grads = lambda a, b: up(sum(chain.grad_bytes[a:])) - up(sum(chain.grad_bytes[b:]))  # noqa: E731
+    if isinstance(tree, Leaf):
+        return chain.forward_s[s] + chain.backward_s[s], up(chain.leaf_bytes[s])
+    if isinstance(tree, KeepAll):
+        cost, slots = cost_and_slots(tree.rest, chain, up)
+        return (chain.forward_s[s] + chain.backward_s[s] + cost,
+                max(up(chain.kept_bytes[s]) + slots, up(chain.leaf_bytes[s]) + grads(s + 1, t + 1)))
+    right_cost, right_slots = cost_and_slots(tree.right, chain, up)
+    left_cost, left_slots = cost_and_slots(tree.left, chain, up)
+    sweep = sum(chain.forward_s[s:tree.stage])
+    return (sweep + right_cost + left_cost,
+            max(up(chain.cut_bytes[s]) + right_slots, grads(tree.stage, t + 1) + left_slots))
+
+
+def random_chain(rng: random.Random, count: int) -> SimpleNamespace:
+    cut = [0] + [rng.randint(1, 40) for _ in range(count - 1)] + [0]
+    kept = [rng.randint(0, 60) for _ in range(count)]
+    grads = [rng.choice([0, 0, rng.randint(1, 10)]) for _ in range(count)]
+    leaf = [kept[s] + cut[s] + 2 * cut[s + 1] + cut[s] + grads[s] for s in range(count)]
+    return SimpleNamespace(
+        forward_s=[rng.uniform(0.5, 3) for _ in range(count)],
+        backward_s=[rng.uniform(1, 6) for _ in range(count)],
+        cut_bytes=cut, kept_bytes=kept, leaf_bytes=leaf, grad_bytes=grads,
+        ceiling_bytes=sum(kept) + max(leaf) + sum(grads))
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_dp_equals_brute_force_over_every_tree(seed):
+    rng = random.Random(seed)
+    count = rng.randint(1, 6)
+    chain = random_chain(rng, count)
+    dp = ChainDP(chain, slot_count=rng.choice([16, 40, 97]))
+    up = functools.partial(lambda unit, b: math.ceil(b / unit), dp.unit)
+    trees = [cost_and_slots(tree, chain, up) for tree in all_trees(0, count - 1)]
+    costs = dp.cost[0, count - 1]
+    for slots in range(len(costs)):
+        best = min((c for c, need in trees if need <= slots), default=math.inf)
+        assert costs[slots] == pytest.approx(best, rel=1e-12, abs=0) or costs[slots] == best == math.inf
+        if best < math.inf:  # the reconstructed tree really has that cost within those slots
+            cost, need = cost_and_slots(dp.tree(0, count - 1, slots), chain, up)
+            assert need <= slots and cost == pytest.approx(best, rel=1e-12)
+
+
+def test_candidates_are_distinct_and_cheapest_first():
+    chain = random_chain(random.Random(5), 6)
+    dp = ChainDP(chain, slot_count=64)
+    trees = candidate_trees(dp, 64)
+    assert len(trees) == len(set(trees)) > 1
+    up = functools.partial(lambda unit, b: math.ceil(b / unit), dp.unit)
+    costs = [cost_and_slots(tree, chain, up)[0] for tree in trees]
+    assert costs == sorted(costs)
+
+
+def sweep(case, method: str, fractions: list[float]):
+    rows = []
+    for fraction in fractions:
+        try:
+            plan = memplan.optimize(case.model, f"{fraction:.0%}", example_inputs=case.args,
+                                    example_kwargs=case.kwargs, method=method)
+        except memplan.InfeasibleBudgetError:
+            rows.append(None)
+            continue
+        assert plan.predicted_peak_bytes <= plan.budget_bytes
+        rows.append((plan.budget_bytes, plan.predicted_peak_bytes, plan.predicted_overhead))
+    return rows
+
+
+@pytest.mark.parametrize("method", ["auto", "chain-dp", "chen-greedy"])
+@pytest.mark.parametrize("name", ["gpt2", "preact_resnet29", "densenet40"])
+def test_more_budget_never_costs_more_nor_a_smaller_one_more_memory(name, method):
+    fractions = [f / 100 for f in range(30, 101, 5)]
+    rows = sweep(build(name), method, fractions)
+    feasible = [row for row in rows if row is not None]
+    assert len(feasible) >= 3, rows
+    # feasibility is monotone too: once a budget fits, every larger one does
+    assert rows[rows.index(feasible[0]):] == feasible
+    for (_, peak, overhead), (_, next_peak, next_overhead) in zip(feasible, feasible[1:]):
+        assert next_overhead <= overhead
+        assert next_peak >= peak
