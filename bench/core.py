@@ -75,7 +75,8 @@ class SequentialCheckpoint(torch.nn.Module):
         return m.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(out, 1), 1))
 
 
-def planned_rows(name: str, model: torch.nn.Module, x: torch.Tensor, builtin_peak: int) -> list[dict]:
+def planned_rows(name: str, model: torch.nn.Module, x: torch.Tensor, builtin_peak: int,
+                 cost_model: str) -> list[dict]:
     """memplan at 50% of the unplanned peak, at the built-in checkpointing's measured peak, and at
     the smallest budget any schedule reaches."""
     rows = []
@@ -84,7 +85,7 @@ def planned_rows(name: str, model: torch.nn.Module, x: torch.Tensor, builtin_pea
         budget = {"memplan 50%": "50%", "memplan at built-in's peak": builtin_peak}.get(label, minimum)
         start = time.perf_counter()
         try:
-            plan = memplan.optimize(model, budget, example_inputs=(x,))
+            plan = memplan.optimize(model, budget, example_inputs=(x,), cost_model=cost_model)
         except memplan.InfeasibleBudgetError as error:
             print(label, "infeasible:", error, flush=True)
             continue
@@ -96,13 +97,13 @@ def planned_rows(name: str, model: torch.nn.Module, x: torch.Tensor, builtin_pea
               result.graph.resident_bytes, "other", result.graph.ambient_bytes,
               "peak breakdown", result.chosen.timeline.peak_breakdown, "at",
               result.chosen.timeline.peak_node, flush=True)
-        rows.append(dict(model=name, config=f"{label} ({plan.method})", peak=peak, ms=ms,
+        rows.append(dict(model=name, config=f"{label} ({plan.method}, {cost_model})", peak=peak, ms=ms,
                          predicted=plan.predicted_peak_bytes, budget=plan.budget_bytes,
                          overhead=plan.predicted_overhead, plan_s=plan_s))
     return rows
 
 
-def run_model(name: str, build, checkpointed, x: torch.Tensor) -> list[dict]:
+def run_model(name: str, build, checkpointed, x: torch.Tensor, cost_model: str) -> list[dict]:
     torch.manual_seed(0)
     model = build().cuda()
     rows = []
@@ -112,7 +113,7 @@ def run_model(name: str, build, checkpointed, x: torch.Tensor) -> list[dict]:
     builtin_peak, builtin_ms = measure(baseline, x)
     rows.append(dict(model=name, config="built-in checkpointing", peak=builtin_peak, ms=builtin_ms))
     del baseline
-    for row in planned_rows(name, model, x, builtin_peak):
+    for row in planned_rows(name, model, x, builtin_peak, cost_model):
         row["measured_overhead"] = row["ms"] / ms - 1
         rows.append(row)
     return rows
@@ -140,14 +141,17 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--models", default="densenet,resnet1001")
     parser.add_argument("--resnet-depth", type=int, default=1001)
+    parser.add_argument("--cost-model", default="analytic", choices=["analytic", "profile"])
     args = parser.parse_args()
     x = torch.randn(64, 3, 32, 32, device="cuda")
     rows = []
     if "densenet" in args.models:
-        rows += run_model("DenseNet-BC-100 k=12", lambda: densenet.model(100, 12), _efficient, x)
+        rows += run_model("DenseNet-BC-100 k=12", lambda: densenet.model(100, 12), _efficient, x,
+                          args.cost_model)
     if "resnet1001" in args.models:
         rows += run_model(f"ResNet-{args.resnet_depth} pre-act",
-                          lambda: resnet1001.model(args.resnet_depth), SequentialCheckpoint, x)
+                          lambda: resnet1001.model(args.resnet_depth), SequentialCheckpoint, x,
+                          args.cost_model)
     header = (f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, fp32, "
               f"batch 64×3×32×32\ncommand: python bench/core.py {' '.join(sys.argv[1:])}\n")
     text = header + "\n" + table(rows) + "\n"

@@ -13,7 +13,7 @@ import torch.utils._pytree as pytree
 from memplan import report as report_module
 from memplan.budget import parse_budget
 from memplan.capture import CapturedStep, capture, device_of
-from memplan.cost_models.analytic import for_device
+from memplan.cost_models import check_cost_model, node_times
 from memplan.errors import InfeasibleBudgetError
 from memplan.executor import PlannedModule
 from memplan.graph import JointGraph
@@ -42,10 +42,10 @@ def _free_device_bytes(device: torch.device) -> int | None:
     return free
 
 
-def plan_step(graph: JointGraph, budget: Any, method: str, device: torch.device) -> PlanResult:
+def plan_step(graph: JointGraph, budget: Any, method: str, device: torch.device, *,
+              node_time_s: dict[str, float]) -> PlanResult:
     """Solve for one captured graph: the cheapest schedule whose simulated peak fits."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    config = SolverConfig(node_time_s=for_device(device.type, name).times(graph))
+    config = SolverConfig(node_time_s=node_time_s)
     unlimited = 2**62
     baseline = solve("none", graph, unlimited, config=config)
     budget_bytes = parse_budget(budget, baseline.peak_bytes,
@@ -124,8 +124,12 @@ class Plan:
 
 
 def optimize(model: torch.nn.Module, budget: Any, *, example_inputs: tuple | None = None,
-             example_kwargs: dict | None = None, method: str = "auto", compile: bool = False) -> Plan:
+             example_kwargs: dict | None = None, method: str = "auto", compile: bool = False,
+             cost_model: str = "analytic") -> Plan:
     """Plan ``model``'s training step to fit ``budget``; see ``memplan.parse_budget`` for forms.
+
+    ``cost_model`` prices recomputation: ``"analytic"`` (a roofline, no device time) or
+    ``"profile"`` (each distinct op timed once on the device, cached on disk).
 
     With ``compile=True`` the planned graphs are compiled by inductor instead of run eagerly; the
     predicted peak is then the eager executor's, which inductor's memory does not follow yet.
@@ -135,6 +139,7 @@ def optimize(model: torch.nn.Module, budget: Any, *, example_inputs: tuple | Non
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: choose one of {list(METHODS)}")
+    check_cost_model(cost_model)
     if compile:
         warnings.warn("memplan: with compile=True the predicted peak is the eager executor's; "
                       "inductor's peak is not simulated yet and can exceed the budget",
@@ -148,8 +153,9 @@ def optimize(model: torch.nn.Module, budget: Any, *, example_inputs: tuple | Non
         device = device_of(model, flat)
         holder: dict[str, PlanResult] = {}
 
-        def planner(graph: JointGraph) -> Program:
-            holder["result"] = plan_step(graph, budget, method, device)
+        def planner(graph: JointGraph, joint: torch.fx.GraphModule) -> Program:
+            times = node_times(cost_model, graph, joint, device)
+            holder["result"] = plan_step(graph, budget, method, device, node_time_s=times)
             return holder["result"].chosen.program
 
         step, out_spec = capture(model, args, kwargs, planner, compile=compile)

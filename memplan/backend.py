@@ -12,10 +12,11 @@ import torch.fx as fx
 
 from memplan.api import METHODS, PlanResult, plan_step
 from memplan.capture import device_of, make_partition
+from memplan.cost_models import check_cost_model, node_times
 from memplan.inductor import compile_with_inductor
 
 
-def backend(budget: Any, *, method: str = "auto") -> Callable[..., Any]:
+def backend(budget: Any, *, method: str = "auto", cost_model: str = "analytic") -> Callable[..., Any]:
     """A torch.compile backend that plans the step under ``budget`` and compiles it with inductor.
 
     The plans it made are in the backend's ``plans`` list, newest last. Their predicted peaks
@@ -23,13 +24,15 @@ def backend(budget: Any, *, method: str = "auto") -> Callable[..., Any]:
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: choose one of {list(METHODS)}")
+    check_cost_model(cost_model)
     plans: list[PlanResult] = []
 
     def memplan_backend(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
         device = device_of(gm, example_inputs)
 
-        def planner(graph):
-            plans.append(plan_step(graph, budget, method, device))
+        def planner(graph, joint):
+            times = node_times(cost_model, graph, joint, device)
+            plans.append(plan_step(graph, budget, method, device, node_time_s=times))
             return plans[-1].chosen.program
 
         outputs = next(iter(reversed(gm.graph.nodes))).args[0]

@@ -37,7 +37,7 @@ from memplan.program import Program
 
 log = logging.getLogger(__name__)
 
-Planner = Callable[[JointGraph], Program]
+Planner = Callable[[JointGraph, fx.GraphModule], Program]  # the IR, and the joint it came from
 
 
 @dataclass
@@ -283,7 +283,7 @@ def make_partition(planner: Planner, result: dict[str, Any], *, device: torch.de
         graph = joint_to_ir(joint, num_fwd_outputs, user_outputs=user_outputs,
                             param_count=param_count, buffer_count=buffer_count, rounding=rounding,
                             workspaces=workspaces, ambient_bytes=ambient_bytes)
-        program = planner(graph)
+        program = planner(graph, joint)
         result.update(graph=graph, program=program, joint=joint)
         return split(joint, graph, program, num_fwd_outputs)
 

@@ -19,16 +19,19 @@ from memplan.graph import CUDA_ALLOCATOR_ROUNDING, allocated_bytes
 _MEASURED_OPS = (torch.ops.aten.convolution.default, torch.ops.aten.convolution_backward.default)
 
 
-def _real(value: Any, device: torch.device) -> Any:
+def real_argument(value: Any, device: torch.device) -> Any:
     """A real tensor like the fake one, strides included: a non-contiguous argument makes
-    cuDNN copy it, and that copy is part of the op's scratch memory."""
+    cuDNN copy it, and that copy is part of the op's scratch memory. Expanded (stride 0)
+    tensors are views of a smaller random base, as they were in the graph."""
     if not isinstance(value, torch.Tensor):
         return value
-    tensor = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device=device)
-    return tensor.normal_() if value.is_floating_point() else tensor.zero_()
+    extent = 1 + sum((n - 1) * s for n, s in zip(value.shape, value.stride())) if value.numel() else 0
+    base = torch.empty(extent, dtype=value.dtype, device=device)
+    base = base.normal_() if value.is_floating_point() else base.zero_()
+    return base.as_strided(value.shape, value.stride())
 
 
-def _key(node: fx.Node) -> str:
+def call_key(node: fx.Node) -> str:
     def describe(v: Any) -> Any:
         if isinstance(v, fx.Node):
             val = v.meta.get("val")
@@ -46,10 +49,10 @@ def measure_workspaces(joint: fx.GraphModule, device: torch.device) -> dict[str,
     for node in joint.graph.nodes:
         if node.target not in _MEASURED_OPS:
             continue
-        key = _key(node)
+        key = call_key(node)
         if key not in by_key:
             args, kwargs = pytree.tree_map_only(
-                fx.Node, lambda n: _real(n.meta.get("val"), device), (node.args, node.kwargs))
+                fx.Node, lambda n: real_argument(n.meta.get("val"), device), (node.args, node.kwargs))
             torch.cuda.synchronize(device)
             before = torch.cuda.memory_allocated(device)
             torch.cuda.reset_peak_memory_stats(device)

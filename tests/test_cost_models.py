@@ -1,0 +1,100 @@
+"""Cost models: the analytic FLOPs are torch's, the profile cache round-trips and leaves the RNG
+alone, and an unknown cost model is refused with the list of known ones."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+from torch.utils.flop_counter import FlopCounterMode
+
+import memplan
+from memplan.cost_models import profile
+from zoo import build
+
+
+class Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(32, 96)
+        self.conv = nn.Conv2d(4, 8, 3, padding=1)
+
+    def forward(self, x, image):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        scores = (q @ k.transpose(-1, -2)).softmax(-1)
+        return (scores @ v).sum() + F.relu(self.conv(image)).sum()
+
+
+def test_analytic_flops_equal_torch_flop_counter():
+    torch.manual_seed(0)
+    model, args = Attention(), (torch.randn(2, 16, 32), torch.randn(2, 4, 8, 8))
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(*args).backward()
+    plan = memplan.optimize(model, "100%", example_inputs=args, method="none")
+    graph = plan._result().graph
+    counted = {str(op): flops for op, flops in counter.get_flop_counts()["Global"].items()}
+    planned: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.flops:
+            packet = node.op.rsplit(".", 1)[0]
+            planned[packet] = planned.get(packet, 0) + node.flops
+    assert set(planned) == set(counted) and {"aten.convolution", "aten.bmm"} <= set(planned)
+    for op, flops in counted.items():
+        assert planned[op] == flops, op
+
+
+@pytest.fixture
+def timed_calls(monkeypatch, tmp_path):
+    monkeypatch.setenv("MEMPLAN_CACHE_DIR", str(tmp_path))
+    calls = []
+    original = profile.time_call
+
+    def counting(node, device):
+        assert _get_current_dispatch_mode() is None, "ops must be timed on real tensors"
+        calls.append(node.name)
+        return original(node, device)
+
+    monkeypatch.setattr(profile, "time_call", counting)
+    return calls
+
+
+def test_profile_cache_round_trips(timed_calls, tmp_path):
+    case = build("gpt2")
+    first = memplan.optimize(case.model, "70%", example_inputs=case.args, example_kwargs=case.kwargs,
+                             cost_model="profile")
+    assert timed_calls and (tmp_path / "op_times.json").exists()
+    timed_calls.clear()
+    rng = torch.get_rng_state()
+    second = memplan.optimize(case.model, "70%", example_inputs=case.args,
+                              example_kwargs=case.kwargs, cost_model="profile")
+    assert timed_calls == []  # everything came from the cache
+    assert torch.equal(rng, torch.get_rng_state())
+    assert second.program == first.program
+    assert second.predicted_overhead == first.predicted_overhead
+
+
+def test_profiling_draws_nothing_from_the_callers_rng(timed_calls):
+    case = build("gpt2")  # dropout: its ops draw random numbers when timed
+    rng = torch.get_rng_state()
+    memplan.optimize(case.model, "70%", example_inputs=case.args, example_kwargs=case.kwargs,
+                     cost_model="profile")
+    assert any("dropout" in name or "rand" in name for name in timed_calls)
+    assert torch.equal(rng, torch.get_rng_state())
+
+
+def test_unknown_cost_model_lists_the_known_ones():
+    case = build("mlp")
+    with pytest.raises(ValueError, match="analytic.*profile"):
+        memplan.optimize(case.model, "50%", example_inputs=case.args, cost_model="roofline")
+
+
+def test_real_arguments_keep_shape_strides_and_broadcasts():
+    from memplan.cost_models.workspace import real_argument
+    fake = torch.empty(3, 1).expand(3, 5).t()  # stride 0, transposed
+    real = real_argument(fake, torch.device("cpu"))
+    assert real.shape == fake.shape and real.stride() == fake.stride()
+    assert torch.equal(real[0], real[4])  # one row, broadcast
+    assert real_argument(torch.empty(0, 4), torch.device("cpu")).shape == (0, 4)
