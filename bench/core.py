@@ -1,6 +1,7 @@
 """GPU benchmark of the core pipeline: naive eager, built-in checkpointing, memplan at 50%, at the
 built-in checkpointing's measured peak and at the minimum feasible budget, on DenseNet-BC-100
-(k=12, 64×3×32×32) and ResNet-1001 (64×3×32×32).
+(k=12, 64×3×32×32), ResNet-1001 (64×3×32×32) and GPT-2 medium (8×1024 tokens; its built-in
+checkpointing is Hugging Face's ``gradient_checkpointing_enable``).
 
 Every row is one training step (forward, loss, backward) measured in the same process on the
 same inputs: peak = ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` with
@@ -73,6 +74,31 @@ class SequentialCheckpoint(torch.nn.Module):
                                     use_reentrant=False)
         out = torch.nn.functional.relu(m.norm(out))
         return m.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(out, 1), 1))
+
+
+class Logits(torch.nn.Module):
+    """A Hugging Face causal LM as a module from token ids to logits."""
+
+    def __init__(self, lm: torch.nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm(ids, return_dict=False)[0]
+
+
+def gpt2_medium() -> Logits:
+    import transformers
+
+    config = transformers.GPT2Config(n_layer=24, n_embd=1024, n_head=16, use_cache=False)
+    config._attn_implementation = "eager"
+    return Logits(transformers.GPT2LMHeadModel(config))
+
+
+def _hf_checkpointing(model: Logits) -> Logits:
+    """Hugging Face's own per-layer checkpointing."""
+    model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
 
 
 def planned_rows(name: str, model: torch.nn.Module, x: torch.Tensor, builtin_peak: int,
@@ -152,8 +178,12 @@ def main() -> None:
         rows += run_model(f"ResNet-{args.resnet_depth} pre-act",
                           lambda: resnet1001.model(args.resnet_depth), SequentialCheckpoint, x,
                           args.cost_model)
-    header = (f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, fp32, "
-              f"batch 64×3×32×32\ncommand: python bench/core.py {' '.join(sys.argv[1:])}\n")
+    if "gpt2m" in args.models:
+        ids = torch.randint(0, 50257, (8, 1024), device="cuda")
+        rows += run_model("GPT-2 medium", gpt2_medium, _hf_checkpointing, ids, args.cost_model)
+    header = (f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, fp32; CNNs: "
+              "batch 64×3×32×32; GPT-2 medium (HF, eager attention, dropout 0.1): 8×1024 tokens\n"
+              f"command: python bench/core.py {' '.join(sys.argv[1:])}\n")
     text = header + "\n" + table(rows) + "\n"
     print(text)
     if args.out:
