@@ -180,6 +180,8 @@ def joint_to_ir(joint: fx.GraphModule, num_fwd_outputs: int, *, user_outputs: in
                             Category.BUFFER if "Buffer" in kind or primal_index < param_count + buffer_count
                             else Category.INPUT)
                 primal_index += 1
+        elif node.op == "get_attr":  # a tensor constant (torch.tensor(...) in forward): resident
+            phase, category = Phase.PRIMAL, Category.BUFFER
         else:
             phase = backward_phase[node]
             category = (Category.GRADIENT if node in gradient_nodes else

@@ -123,7 +123,8 @@ def nested_io() -> Case:
 
 
 class ViewsInPlace(nn.Module):
-    """Views, reshapes, transposes, slices and in-place updates of intermediate values."""
+    """Views, reshapes, transposes, slices and in-place updates of intermediate values, and a
+    tensor constant made in forward (a ``get_attr`` in the joint graph)."""
 
     def __init__(self):
         super().__init__()
@@ -137,7 +138,7 @@ class ViewsInPlace(nn.Module):
         y = left.mul_(2.0).add_(right)                # in place on a view: h changes too
         z = self.b(torch.relu(y)).transpose(0, 1).contiguous().t()  # (8, 64), non-contiguous
         z[:, :32] = z[:, :32].sigmoid()              # in-place slice assignment
-        h = h.view(8, 128) + z.repeat(1, 2)
+        h = h.view(8, 128) + z.repeat(1, 2) * torch.tensor(0.5)
         return self.c(torch.tanh(h)).flatten()
 
 
