@@ -37,7 +37,7 @@ def backend(budget: Any, *, method: str = "auto", cost_model: str = "analytic") 
 
         outputs = next(iter(reversed(gm.graph.nodes))).args[0]
         partition = make_partition(planner, {}, device=device, user_outputs=len(outputs),
-                                   param_count=0, buffer_count=0)
+                                   param_count=0, buffer_count=0, eager=False)
         return compile_with_inductor(gm, example_inputs, partition)
 
     memplan_backend.plans = plans

@@ -30,6 +30,7 @@ from memplan.cost_models.workspace import measure_workspaces
 from memplan.errors import CaptureError
 from memplan.executor import boxed
 from memplan.inductor import compile_with_inductor
+from memplan.passes.dropout import recompute_dropout_from_mask
 from memplan.passes.partition import split
 from memplan.graph import (CUDA_ALLOCATOR_ROUNDING, Category, JointGraph, Node, Phase, Storage,
                            allocated_bytes)
@@ -270,7 +271,8 @@ Partition = Callable[..., tuple[fx.GraphModule, fx.GraphModule]]
 
 def make_partition(planner: Planner, result: dict[str, Any], *, device: torch.device,
                    user_outputs: int, param_count: int, buffer_count: int,
-                   model: torch.nn.Module | None = None, flat_inputs: Sequence[Any] = ()) -> Partition:
+                   model: torch.nn.Module | None = None, flat_inputs: Sequence[Any] = (),
+                   eager: bool = True) -> Partition:
     """The partition function aot_autograd calls with the joint graph: IR, plan, split.
 
     What it planned is left in ``result`` (graph, program, joint). Without ``model`` (the
@@ -279,6 +281,8 @@ def make_partition(planner: Planner, result: dict[str, Any], *, device: torch.de
 
     def partition(joint: fx.GraphModule, _inputs: Any, *, num_fwd_outputs: int, **_: Any):
         _drop_metadata_checks(joint)
+        if eager:  # inductor has its own dropout lowering, and no native_dropout_backward one
+            recompute_dropout_from_mask(joint)
         with _disable_current_modes():  # aot_autograd partitions under FakeTensorMode
             workspaces = measure_workspaces(joint, device)
             ambient_bytes = _ambient_bytes(model, flat_inputs, device) if model is not None else 0
@@ -319,7 +323,7 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, planner: Planner,
         planner, result, device=device_of(model, flat_inputs), user_outputs=user_outputs,
         param_count=len(list(gm.named_parameters(remove_duplicate=False))),
         buffer_count=len(list(gm.named_buffers(remove_duplicate=False))),
-        model=model, flat_inputs=flat_inputs)
+        model=model, flat_inputs=flat_inputs, eager=not compile)
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     fake_inputs = [fake_mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in flat_inputs]
     compiled: list[fx.GraphModule] = []

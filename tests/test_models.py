@@ -76,3 +76,14 @@ def test_each_method_is_exact(name, method):
     assert_shares_parameters(plan, case.model)
     assert_matches_eager(plan, case, eager)
     assert_measured_peak(plan, case)
+
+
+def test_dropout_keeps_only_its_mask():
+    case = build("gpt2")
+    graph = optimize(case, "100%", method="none")._result().graph
+    dropouts = [n.name for n in graph.nodes if n.op == "aten.native_dropout.default"]
+    kept = [n for n in graph.nodes if n.must_save and n.op == "getitem" and n.inputs[0] in dropouts]
+    assert dropouts and len(kept) == len(dropouts)  # one mask each, the output is recomputable
+    recomputable = [n for n in graph.nodes if n.op == "aten.native_dropout_backward.default"
+                    and n.phase.value == "forward"]
+    assert len(recomputable) == len(dropouts)
