@@ -102,16 +102,18 @@ def _hf_checkpointing(model: Logits) -> Logits:
 
 
 def planned_rows(name: str, model: torch.nn.Module, x: torch.Tensor, builtin_peak: int,
-                 cost_model: str) -> list[dict]:
-    """memplan at 50% of the unplanned peak, at the built-in checkpointing's measured peak, and at
-    the smallest budget any schedule reaches."""
+                 cost_model: str, method: str) -> list[dict]:
+    """memplan at 50% of the unplanned peak, at the built-in checkpointing's measured peak, and (for
+    ``auto``, which tries every fast solver) at the smallest budget any schedule reaches."""
     rows = []
     minimum = None
-    for label in ("memplan 50%", "memplan at built-in's peak", "memplan minimum"):
+    labels = ["memplan 50%", "memplan at built-in's peak"] + (["memplan minimum"] if method == "auto" else [])
+    for label in labels:
         budget = {"memplan 50%": "50%", "memplan at built-in's peak": builtin_peak}.get(label, minimum)
         start = time.perf_counter()
         try:
-            plan = memplan.optimize(model, budget, example_inputs=(x,), cost_model=cost_model)
+            plan = memplan.optimize(model, budget, example_inputs=(x,), cost_model=cost_model,
+                                    method=method)
         except memplan.InfeasibleBudgetError as error:
             print(label, "infeasible:", error, flush=True)
             continue
@@ -129,7 +131,8 @@ def planned_rows(name: str, model: torch.nn.Module, x: torch.Tensor, builtin_pea
     return rows
 
 
-def run_model(name: str, build, checkpointed, x: torch.Tensor, cost_model: str) -> list[dict]:
+def run_model(name: str, build, checkpointed, x: torch.Tensor, cost_model: str,
+              methods: list[str]) -> list[dict]:
     torch.manual_seed(0)
     model = build().cuda()
     rows = []
@@ -139,9 +142,10 @@ def run_model(name: str, build, checkpointed, x: torch.Tensor, cost_model: str) 
     builtin_peak, builtin_ms = measure(baseline, x)
     rows.append(dict(model=name, config="built-in checkpointing", peak=builtin_peak, ms=builtin_ms))
     del baseline
-    for row in planned_rows(name, model, x, builtin_peak, cost_model):
-        row["measured_overhead"] = row["ms"] / ms - 1
-        rows.append(row)
+    for method in methods:
+        for row in planned_rows(name, model, x, builtin_peak, cost_model, method):
+            row["measured_overhead"] = row["ms"] / ms - 1
+            rows.append(row)
     return rows
 
 
@@ -168,19 +172,22 @@ def main() -> None:
     parser.add_argument("--models", default="densenet,resnet1001")
     parser.add_argument("--resnet-depth", type=int, default=1001)
     parser.add_argument("--cost-model", default="analytic", choices=["analytic", "profile"])
+    parser.add_argument("--methods", default="auto", help="comma-separated planning methods")
     args = parser.parse_args()
+    methods = args.methods.split(",")
     x = torch.randn(64, 3, 32, 32, device="cuda")
     rows = []
     if "densenet" in args.models:
         rows += run_model("DenseNet-BC-100 k=12", lambda: densenet.model(100, 12), _efficient, x,
-                          args.cost_model)
+                          args.cost_model, methods)
     if "resnet1001" in args.models:
         rows += run_model(f"ResNet-{args.resnet_depth} pre-act",
                           lambda: resnet1001.model(args.resnet_depth), SequentialCheckpoint, x,
-                          args.cost_model)
+                          args.cost_model, methods)
     if "gpt2m" in args.models:
         ids = torch.randint(0, 50257, (8, 1024), device="cuda")
-        rows += run_model("GPT-2 medium", gpt2_medium, _hf_checkpointing, ids, args.cost_model)
+        rows += run_model("GPT-2 medium", gpt2_medium, _hf_checkpointing, ids, args.cost_model,
+                          methods)
     header = (f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, fp32; CNNs: "
               "batch 64×3×32×32; GPT-2 medium (HF, eager attention, dropout 0.1): 8×1024 tokens\n"
               f"command: python bench/core.py {' '.join(sys.argv[1:])}\n")

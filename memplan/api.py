@@ -43,9 +43,9 @@ def _free_device_bytes(device: torch.device) -> int | None:
 
 
 def plan_step(graph: JointGraph, budget: Any, method: str, device: torch.device, *,
-              node_time_s: dict[str, float]) -> PlanResult:
+              node_time_s: dict[str, float], time_limit_s: float = 30.0) -> PlanResult:
     """Solve for one captured graph: the cheapest schedule whose simulated peak fits."""
-    config = SolverConfig(node_time_s=node_time_s)
+    config = SolverConfig(node_time_s=node_time_s, time_limit_s=time_limit_s)
     unlimited = 2**62
     baseline = solve("none", graph, unlimited, config=config)
     budget_bytes = parse_budget(budget, baseline.peak_bytes,
@@ -125,8 +125,12 @@ class Plan:
 
 def optimize(model: torch.nn.Module, budget: Any, *, example_inputs: tuple | None = None,
              example_kwargs: dict | None = None, method: str = "auto", compile: bool = False,
-             cost_model: str = "analytic") -> Plan:
+             cost_model: str = "analytic", time_limit_s: float = 30.0) -> Plan:
     """Plan ``model``'s training step to fit ``budget``; see ``memplan.parse_budget`` for forms.
+
+    ``method="auto"`` keeps the cheapest plan of the fast solvers (seconds, reproducible);
+    ``method="cpsat"`` starts from those and searches for up to ``time_limit_s`` more, for a
+    cheaper plan and its optimality gap.
 
     ``cost_model`` prices recomputation: ``"analytic"`` (a roofline, no device time) or
     ``"profile"`` (each distinct op timed once on the device, cached on disk).
@@ -155,7 +159,8 @@ def optimize(model: torch.nn.Module, budget: Any, *, example_inputs: tuple | Non
 
         def planner(graph: JointGraph, joint: torch.fx.GraphModule) -> Program:
             times = node_times(cost_model, graph, joint, device)
-            holder["result"] = plan_step(graph, budget, method, device, node_time_s=times)
+            holder["result"] = plan_step(graph, budget, method, device, node_time_s=times,
+                                         time_limit_s=time_limit_s)
             return holder["result"].chosen.program
 
         step, out_spec = capture(model, args, kwargs, planner, compile=compile)

@@ -16,7 +16,8 @@ from memplan.cost_models import check_cost_model, node_times
 from memplan.inductor import compile_with_inductor
 
 
-def backend(budget: Any, *, method: str = "auto", cost_model: str = "analytic") -> Callable[..., Any]:
+def backend(budget: Any, *, method: str = "auto", cost_model: str = "analytic",
+            time_limit_s: float = 30.0) -> Callable[..., Any]:
     """A torch.compile backend that plans the step under ``budget`` and compiles it with inductor.
 
     The plans it made are in the backend's ``plans`` list, newest last. Their predicted peaks
@@ -32,7 +33,8 @@ def backend(budget: Any, *, method: str = "auto", cost_model: str = "analytic") 
 
         def planner(graph, joint):
             times = node_times(cost_model, graph, joint, device)
-            plans.append(plan_step(graph, budget, method, device, node_time_s=times))
+            plans.append(plan_step(graph, budget, method, device, node_time_s=times,
+                                   time_limit_s=time_limit_s))
             return plans[-1].chosen.program
 
         outputs = next(iter(reversed(gm.graph.nodes))).args[0]

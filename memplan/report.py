@@ -53,6 +53,8 @@ def to_dict(result: PlanResult) -> dict[str, Any]:
         "budget_bytes": result.budget_bytes,
         "method": chosen.method,
         "solve_time_s": chosen.solve_time_s,
+        "gap": chosen.gap,
+        "solver_detail": chosen.detail,
         "baseline": {"peak_bytes": baseline.peak_bytes, "peak_at": baseline.timeline.peak_node,
                      "breakdown": baseline.timeline.peak_breakdown},
         "planned": {"peak_bytes": chosen.peak_bytes, "peak_at": timeline.peak_node,
@@ -77,7 +79,9 @@ def render_text(result: PlanResult) -> str:
         f"  planned peak      {_size(planned['peak_bytes'])}  at {planned['peak_at']}"
         f"  ({planned['peak_bytes'] / max(1, base['peak_bytes']):.0%} of unplanned)",
         f"  overhead          +{planned['predicted_overhead']:.1%} compute (predicted)",
-        f"  method            {data['method']}  (solved in {data['solve_time_s']:.2f} s)",
+        f"  method            {data['method']}  (solved in {data['solve_time_s']:.2f} s"
+        + ("" if data["gap"] is None else f", optimality gap {data['gap']:.1%}") + ")",
+        *([f"  solver            {data['solver_detail']}"] if data["solver_detail"] else []),
         "  peak by category  " + ", ".join(f"{k} {_size(v)}" for k, v in planned["breakdown"].items()),
         "",
         "  schedules tried:",

@@ -18,7 +18,7 @@ MINIMUM = "minimum"
 
 def optimize(case, budget, method="auto"):
     return memplan.optimize(case.model, budget, example_inputs=case.args,
-                            example_kwargs=case.kwargs, method=method)
+                            example_kwargs=case.kwargs, method=method, time_limit_s=5)
 
 
 def smallest_feasible_budget(case) -> int:
@@ -62,14 +62,15 @@ def test_planned_step_equals_eager(name, budget):
 # views_in_place, so the DP runs on Llama instead.
 METHOD_CASES = [(name, method) for method in ("none", "sqrt", "chen-greedy", "log")
                 for name in ("mlp", "gpt2", "preact_resnet29", "nested_io", "views_in_place")]
-METHOD_CASES += [(name, "chain-dp") for name in ("mlp", "gpt2", "preact_resnet29", "nested_io", "llama")]
+METHOD_CASES += [(name, method) for method in ("chain-dp", "cpsat")
+                 for name in ("mlp", "gpt2", "preact_resnet29", "nested_io", "llama")]
 
 
 @pytest.mark.parametrize("name, method", METHOD_CASES)
 def test_each_method_is_exact(name, method):
     case = build(name)
     eager = eager_twin(case)
-    plan = optimize(case, "80%" if method == "chain-dp" else "100%", method=method)
+    plan = optimize(case, "80%" if method in ("chain-dp", "cpsat") else "100%", method=method)
     assert plan.method == method
     if method != "none":  # the schedule really recomputes, so exactness is tested under it
         assert plan.program.recomputed

@@ -17,6 +17,9 @@ class SolverConfig:
     dp_stages: int = 64  # the chain DP coarsens the forward order to at most this many stages
     dp_slots: int = 128  # and discretises memory into this many slots
     dp_candidates: int = 32  # optimal trees (one per slot count) simulated by the chain DP
+    time_limit_s: float = 30.0  # CP-SAT's wall-clock limit, heuristic warm start included
+    workers: int = 2  # CP-SAT search workers (see cpsat on reproducibility)
+    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,8 @@ class StepSchedule:
     solve_time_s: float = 0.0
     feasible: bool = True
     reason: str = ""
+    gap: float | None = None  # relative optimality gap, for solvers that can bound it
+    detail: str = ""  # how the solver got there
 
     @property
     def peak_bytes(self) -> int:
