@@ -46,7 +46,7 @@ def memplan_row(model, x, budget, compile: bool) -> tuple[dict, int]:
     peak, ms = measure(plan.module, x)
     label = f"memplan {'compiled' if compile else 'eager'} {budget if isinstance(budget, str) else 'minimum'}"
     return dict(config=f"{label} ({plan.method})", peak=peak, ms=ms, plan_s=plan_s,
-                predicted=plan.predicted_peak_bytes, budget=plan.budget_bytes), plan.minimum_peak_bytes
+                predicted=plan.predicted_peak_bytes, budget=plan.budget_bytes), plan.minimum_budget_bytes
 
 
 def main() -> None:

@@ -118,7 +118,7 @@ def planned_rows(name: str, model: torch.nn.Module, x: torch.Tensor, builtin_pea
             print(label, "infeasible:", error, flush=True)
             continue
         plan_s = time.perf_counter() - start
-        minimum = plan.minimum_peak_bytes
+        minimum = plan.minimum_budget_bytes
         peak, ms = measure(plan.module, x)
         result = plan._result()
         print(label, "allocated at step start", measure.start_bytes, "predicted resident",

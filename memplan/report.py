@@ -51,6 +51,7 @@ def to_dict(result: PlanResult) -> dict[str, Any]:
     return {
         "device": result.device,
         "budget_bytes": result.budget_bytes,
+        "headroom_bytes": result.headroom_bytes,
         "method": chosen.method,
         "solve_time_s": chosen.solve_time_s,
         "gap": chosen.gap,
@@ -74,7 +75,9 @@ def render_text(result: PlanResult) -> str:
     base, planned = data["baseline"], data["planned"]
     lines = [
         f"memplan plan on {data['device']}",
-        f"  budget            {_size(data['budget_bytes'])}",
+        f"  budget            {_size(data['budget_bytes'])}"
+        + (f"  (planned to {_size(data['budget_bytes'] - data['headroom_bytes'])}: "
+           "headroom for CUDA allocator memory)" if data["headroom_bytes"] else ""),
         f"  unplanned peak    {_size(base['peak_bytes'])}  at {base['peak_at']}",
         f"  planned peak      {_size(planned['peak_bytes'])}  at {planned['peak_at']}"
         f"  ({planned['peak_bytes'] / max(1, base['peak_bytes']):.0%} of unplanned)",

@@ -81,3 +81,15 @@ def test_fractions_of_the_unplanned_peak_scale_the_plan():
     assert plan.budget_bytes == plan.baseline_peak_bytes
     plan = memplan.optimize(model, 1.0, example_inputs=(x,))
     assert plan.budget_bytes == plan.baseline_peak_bytes
+
+
+@pytest.mark.parametrize("peak", [1, 511, 10**6, 7 * 2**30 + 12345])
+def test_cuda_headroom_and_the_least_budget_for_a_peak(peak):
+    from memplan.api import budget_for_peak, headroom_bytes
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    budget = budget_for_peak(peak, cuda)
+    assert budget - headroom_bytes(budget, cuda) >= peak  # the plan fits what is left
+    assert budget - 1 - headroom_bytes(budget - 1, cuda) < peak  # and no smaller budget does
+    assert headroom_bytes(budget, cuda) >= 0.015 * budget
+    assert budget_for_peak(peak, cpu) == peak and headroom_bytes(budget, cpu) == 0
