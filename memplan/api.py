@@ -19,6 +19,7 @@ from memplan.errors import InfeasibleBudgetError
 from memplan.executor import PlannedModule
 from memplan.graph import JointGraph
 from memplan.program import Program
+from memplan.sac import PlanPolicy
 from memplan.solvers import SOLVERS, SolverConfig, StepSchedule, solve, solve_auto
 
 METHODS = ("auto", *SOLVERS)
@@ -143,6 +144,15 @@ class Plan:
     @property
     def program(self) -> Program:
         return self._result().chosen.program
+
+    def sac_policy(self) -> PlanPolicy:
+        """The plan's saved set as a selective-checkpointing policy, fresh for each checkpoint call:
+
+        >>> context = lambda: create_selective_checkpoint_contexts(plan.sac_policy())  # doctest: +SKIP
+        >>> out = checkpoint(model, x, use_reentrant=False, context_fn=context)          # doctest: +SKIP
+        """
+        result = self._result()
+        return PlanPolicy(result.graph, result.chosen.program)
 
     def report(self) -> str:
         return report_module.render_text(self._result())

@@ -35,6 +35,7 @@ from memplan.passes.partition import split
 from memplan.graph import (CUDA_ALLOCATOR_ROUNDING, Category, JointGraph, Node, Phase, Storage,
                            allocated_bytes)
 from memplan.program import Program
+from memplan.sac import op_family
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,35 @@ def _flat_module(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[fx.
 # Checks that tracing ``.to()`` leaves in the graph: they produce nothing, and as impure nodes
 # they would survive into the forward graph without being part of the Program.
 _METADATA_CHECKS = (torch.ops.aten._assert_tensor_metadata.default,)
+
+
+def _written_in_place(gm: fx.GraphModule) -> frozenset[tuple[str, str, int]]:
+    """Values eager computes or overwrites in place (``relu_`` and the BatchNorm output it writes),
+    keyed by module path, op family and ordinal within the module, as the joint graph finds them.
+
+    Export keeps the model's in-place ops; the joint graph is functional and has lost them."""
+    keys: dict[fx.Node, tuple[str, str, int]] = {}
+    seen: dict[tuple[str, str], int] = {}
+    written: set[tuple[str, str, int]] = set()
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        path_family = (_module_path(node), op_family(str(node.target)))
+        keys[node] = (*path_family, seen.get(path_family, 0))
+        seen[path_family] = seen.get(path_family, 0) + 1
+        target = node
+        if _writes_first_argument(node):
+            while isinstance(target, fx.Node) and target in keys:  # the chain of aliases written
+                written.add(keys[target])
+                if not (target.target.is_view or _writes_first_argument(target)):
+                    break
+                target = target.args[0]
+    return frozenset(written)
+
+
+def _writes_first_argument(node: fx.Node) -> bool:
+    arguments = node.target._schema.arguments
+    return bool(arguments) and arguments[0].alias_info is not None and arguments[0].alias_info.is_write
 
 
 def _drop_metadata_checks(joint: fx.GraphModule) -> None:
@@ -150,7 +180,8 @@ def _flops(node: fx.Node) -> int:
 
 def joint_to_ir(joint: fx.GraphModule, num_fwd_outputs: int, *, user_outputs: int,
                 param_count: int, buffer_count: int, rounding: int,
-                workspaces: dict[str, int] | None = None, ambient_bytes: int = 0) -> JointGraph:
+                workspaces: dict[str, int] | None = None, ambient_bytes: int = 0,
+                written_in_place: frozenset[tuple[str, str, int]] = frozenset()) -> JointGraph:
     """The fx joint graph as a JointGraph: storages from the fake values' aliasing.
 
     The loss is modelled as the caller's ``out.float().sum().backward()`` makes it: a float32
@@ -167,6 +198,7 @@ def joint_to_ir(joint: fx.GraphModule, num_fwd_outputs: int, *, user_outputs: in
                if type(d).__name__ == "InputMutationAOTOutput"}
     backward_phase = _phases(joint, set(fwd_outputs))
     primal_index = 0
+    ordinals: dict[tuple[str, str], int] = {}
     for node in joint.graph.nodes:
         if node.op == "output":
             continue
@@ -197,6 +229,12 @@ def joint_to_ir(joint: fx.GraphModule, num_fwd_outputs: int, *, user_outputs: in
                 storages.append(Storage(allocated_bytes(nbytes, rounding), category))
             refs.append(storage_ids[key])
         target = node.target
+        written = False
+        if phase is Phase.FORWARD and node.op == "call_function":
+            path_family = (_module_path(node), op_family(str(target)))
+            ordinal = ordinals.get(path_family, 0)
+            ordinals[path_family] = ordinal + 1
+            written = (*path_family, ordinal) in written_in_place
         inputs = tuple(dict.fromkeys(n.name for n in node.all_input_nodes))
         moved = sum(t.untyped_storage().nbytes() for n in node.all_input_nodes
                     for t in _tensors(n.meta.get("val")))
@@ -211,6 +249,7 @@ def joint_to_ir(joint: fx.GraphModule, num_fwd_outputs: int, *, user_outputs: in
             flops=_flops(node) if node.op == "call_function" else 0,
             bytes_moved=moved + sum(storages[s].nbytes for s in refs),
             workspace_bytes=(workspaces or {}).get(node.name, 0),
+            written_in_place=written,
         ))
     for name in bwd_outputs:  # a gradient is often a view of a temporary: its storage is a gradient
         for s in nodes[[n.name for n in nodes].index(name.name)].storages:
@@ -272,7 +311,8 @@ Partition = Callable[..., tuple[fx.GraphModule, fx.GraphModule]]
 def make_partition(planner: Planner, result: dict[str, Any], *, device: torch.device,
                    user_outputs: int, param_count: int, buffer_count: int,
                    model: torch.nn.Module | None = None, flat_inputs: Sequence[Any] = (),
-                   eager: bool = True) -> Partition:
+                   eager: bool = True,
+                   written_in_place: frozenset[tuple[str, str, int]] = frozenset()) -> Partition:
     """The partition function aot_autograd calls with the joint graph: IR, plan, split.
 
     What it planned is left in ``result`` (graph, program, joint). Without ``model`` (the
@@ -288,7 +328,8 @@ def make_partition(planner: Planner, result: dict[str, Any], *, device: torch.de
             ambient_bytes = _ambient_bytes(model, flat_inputs, device) if model is not None else 0
         graph = joint_to_ir(joint, num_fwd_outputs, user_outputs=user_outputs,
                             param_count=param_count, buffer_count=buffer_count, rounding=rounding,
-                            workspaces=workspaces, ambient_bytes=ambient_bytes)
+                            workspaces=workspaces, ambient_bytes=ambient_bytes,
+                            written_in_place=written_in_place)
         program = planner(graph, joint)
         result.update(graph=graph, program=program, joint=joint)
         return split(joint, graph, program, num_fwd_outputs)
@@ -323,7 +364,8 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, planner: Planner,
         planner, result, device=device_of(model, flat_inputs), user_outputs=user_outputs,
         param_count=len(list(gm.named_parameters(remove_duplicate=False))),
         buffer_count=len(list(gm.named_buffers(remove_duplicate=False))),
-        model=model, flat_inputs=flat_inputs, eager=not compile)
+        model=model, flat_inputs=flat_inputs, eager=not compile,
+        written_in_place=_written_in_place(gm))
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     fake_inputs = [fake_mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in flat_inputs]
     compiled: list[fx.GraphModule] = []

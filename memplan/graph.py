@@ -61,6 +61,7 @@ class Node:
     flops: int = 0
     bytes_moved: int = 0  # bytes read plus bytes written, for the roofline
     workspace_bytes: int = 0  # scratch memory held only while the op runs (cuDNN workspaces)
+    written_in_place: bool = False  # the model's eager code computes or overwrites it in place
 
 
 @dataclass(frozen=True)
