@@ -1,0 +1,237 @@
+"""GPU benchmark, one model per process: memplan against today's tools on the same inputs.
+
+Rows: naive eager; the model's built-in checkpointing (DenseNet ``memory_efficient``, Hugging
+Face ``gradient_checkpointing_enable``, ``checkpoint_sequential`` with √n segments elsewhere);
+with ``--compile``, torch.compile at ``activation_memory_budget`` 1.0, 0.5 and 0.2 and memplan
+compiled; memplan eager at 75%, 50% and 30% of the naive peak and at the least feasible budget.
+Measured as in bench/core.py (peak after ``reset_peak_memory_stats``, median of 5 steps after 2
+warm-ups); reserved is ``max_memory_reserved`` over those steps, after emptying the cache.
+
+    python bench/gpu.py --model resnet50 [--compile [--no-eager]] --out-dir bench/results
+
+writes ``gpu_<model>.md`` (``gpu_<model>_compiled.md`` with ``--no-eager``) (the table, device, torch version and command) and ``gpu_<model>.json``
+(the rows, for bench/pareto.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.checkpoint import checkpoint_sequential
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+import densenet  # noqa: E402
+import resnet1001  # noqa: E402
+from core import GiB, SequentialCheckpoint, _efficient, _hf_checkpointing, gpt2_medium, measure  # noqa: E402
+
+import memplan  # noqa: E402
+
+BUDGETS = ("75%", "50%", "30%")
+COMPILE_BUDGETS = (1.0, 0.5, 0.2)
+
+
+class SqrtSegments(torch.nn.Module):
+    """``checkpoint_sequential`` with √n segments over a flat list of blocks, then a head.
+
+    In-place ReLUs are turned off in this baseline only: one at a segment boundary would write
+    the segment's saved input."""
+
+    def __init__(self, blocks: list[torch.nn.Module], head: torch.nn.Module):
+        super().__init__()
+        self.blocks = torch.nn.Sequential(*blocks)
+        self.head = head
+        for module in self.modules():
+            if isinstance(module, torch.nn.ReLU):
+                module.inplace = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        segments = round(math.sqrt(len(self.blocks)))
+        return self.head(checkpoint_sequential(self.blocks, segments, x, use_reentrant=False))
+
+
+def _vgg_segments(model) -> SqrtSegments:
+    head = torch.nn.Sequential(model.avgpool, torch.nn.Flatten(1), model.classifier)
+    return SqrtSegments(list(model.features), head)
+
+
+def _resnet_segments(model) -> SqrtSegments:
+    stem = [model.conv1, model.bn1, model.relu, model.maxpool]
+    blocks = [b for layer in (model.layer1, model.layer2, model.layer3, model.layer4) for b in layer]
+    head = torch.nn.Sequential(model.avgpool, torch.nn.Flatten(1), model.fc)
+    return SqrtSegments(stem + blocks, head)
+
+
+def _torchvision_densenet(efficient: bool):
+    import torchvision
+
+    return torchvision.models.DenseNet(growth_rate=32, block_config=(6, 12, 64, 48),
+                                       num_init_features=64, memory_efficient=efficient)
+
+
+def _memory_efficient(model):
+    """torchvision's DenseNet with its per-layer checkpointing switched on."""
+    for module in model.modules():
+        if hasattr(module, "memory_efficient"):
+            module.memory_efficient = True
+    return model
+
+
+def _images(batch: int, size: int) -> torch.Tensor:
+    return torch.randn(batch, 3, size, size, device="cuda")
+
+
+MODELS = {
+    "densenet100": ("DenseNet-BC-100 k=12, batch 64×3×32×32", lambda: densenet.model(100, 12),
+                    _efficient, lambda: _images(64, 32)),
+    "densenet264": ("DenseNet-264 k=32, batch 16×3×224×224", lambda: _torchvision_densenet(False),
+                    _memory_efficient, lambda: _images(16, 224)),
+    "resnet1001": ("ResNet-1001 pre-act, batch 64×3×32×32", lambda: resnet1001.model(1001),
+                   SequentialCheckpoint, lambda: _images(64, 32)),
+    "gpt2m": ("GPT-2 medium (HF, eager attention, dropout 0.1), 8×1024 tokens", gpt2_medium,
+              _hf_checkpointing, lambda: torch.randint(0, 50257, (8, 1024), device="cuda")),
+    "vgg19": ("VGG19 (torchvision), batch 64×3×224×224",
+              lambda: __import__("torchvision").models.vgg19(), _vgg_segments, lambda: _images(64, 224)),
+    "resnet50": ("ResNet-50 (torchvision), batch 64×3×224×224",
+                 lambda: __import__("torchvision").models.resnet50(), _resnet_segments,
+                 lambda: _images(64, 224)),
+}
+
+
+ROWS: list[dict] = []  # every row measured so far, written out after each (a run may time out)
+WRITE = None
+
+
+def measured(config: str, module, x, **extra) -> dict:
+    gc.collect()
+    torch.cuda.empty_cache()
+    peak, ms = measure(module, x)
+    row = dict(config=config, peak=peak, reserved=torch.cuda.max_memory_reserved(), ms=ms, **extra)
+    print(row, flush=True)
+    ROWS.append(row)
+    if WRITE is not None:
+        WRITE()
+    return row
+
+
+def torch_compile_row(model, x, budget: float) -> dict:
+    torch._dynamo.reset()
+    torch._functorch.config.activation_memory_budget = budget
+    try:
+        start = time.perf_counter()
+        compiled = torch.compile(model)
+        compiled(x).float().sum().backward()
+        compile_s = time.perf_counter() - start
+        return measured(f"torch.compile activation_memory_budget={budget}", compiled, x,
+                        plan_s=compile_s, kind="torch.compile")
+    finally:
+        torch._functorch.config.activation_memory_budget = 1.0
+
+
+def memplan_row(model, x, budget, label: str, compile: bool) -> dict:
+    torch._dynamo.reset()
+    start = time.perf_counter()
+    plan = memplan.optimize(model, budget, example_inputs=(x,), compile=compile)
+    plan.module(x).float().sum().backward()
+    plan_s = time.perf_counter() - start
+    chosen = plan._result().chosen
+    mode = "compiled" if compile else "eager"
+    return measured(f"memplan {mode} {label} ({plan.method})", plan.module, x, plan_s=plan_s,
+                    kind=f"memplan {mode}", predicted=plan.predicted_peak_bytes,
+                    budget=plan.budget_bytes, predicted_ms=(chosen.step_s + chosen.recompute_s) * 1e3,
+                    minimum=plan.minimum_budget_bytes)
+
+
+def memplan_rows(model, x, compile: bool) -> list[dict]:
+    """At each budget, then at the least budget any of those plans (or the refusal) named."""
+    rows, minimum = [], None
+    for budget in BUDGETS:
+        try:
+            rows.append(memplan_row(model, x, budget, budget, compile))
+            minimum = rows[-1]["minimum"] if minimum is None else min(minimum, rows[-1]["minimum"])
+        except memplan.InfeasibleBudgetError as error:
+            print(f"memplan {budget} infeasible: {error}", flush=True)
+            minimum = error.minimum_bytes if minimum is None else min(minimum, error.minimum_bytes)
+    try:
+        rows.append(memplan_row(model, x, minimum, "minimum", compile))
+    except memplan.InfeasibleBudgetError as error:  # a budget-dependent solver reached less above it
+        print(f"memplan minimum {minimum} infeasible, retrying at {error.minimum_bytes}: {error}")
+        rows.append(memplan_row(model, x, error.minimum_bytes, "minimum", compile))
+    return rows
+
+
+def run(name: str, compile: bool, eager: bool = True) -> None:
+    """The configurations of one model; the rows land in ROWS."""
+    _title, build, checkpointed, inputs = MODELS[name]
+    torch.manual_seed(0)
+    model, x = build().cuda(), inputs()
+    measured("naive eager", model, x, kind="naive eager")
+    measured("built-in checkpointing", checkpointed(copy.deepcopy(model)), x,
+             kind="built-in checkpointing")
+    if compile:
+        for budget in COMPILE_BUDGETS:
+            try:
+                torch_compile_row(model, x, budget)
+            except Exception as error:  # an inductor failure is this baseline's result: reported
+                print(f"torch.compile {budget} failed: {type(error).__name__}: {error}"[:300])
+    if eager:
+        memplan_rows(model, x, compile=False)
+    if compile:
+        memplan_rows(model, x, compile=True)
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| configuration | peak GiB | reserved GiB | predicted peak GiB | error | budget GiB "
+             "| within budget | step ms | vs naive | predicted ms | plan+compile s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        predicted, budget = r.get("predicted"), r.get("budget")
+        lines.append("| {} | {:.3f} | {:.3f} | {} | {} | {} | {} | {:.1f} | {:+.1%} | {} | {} |".format(
+            r["config"], r["peak"] / GiB, r["reserved"] / GiB,
+            f"{predicted / GiB:.3f}" if predicted else "–",
+            f"{r['peak'] / predicted - 1:+.2%}" if predicted else "–",
+            f"{budget / GiB:.3f}" if budget else "–",
+            ("yes" if r["peak"] <= budget else "**no**") if budget else "–",
+            r["ms"], r["ms"] / rows[0]["ms"] - 1,
+            f"{r['predicted_ms']:.1f}" if "predicted_ms" in r else "–",
+            f"{r['plan_s']:.0f}" if "plan_s" in r else "–"))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", required=True, choices=sorted(MODELS))
+    parser.add_argument("--compile", action="store_true",
+                        help="add torch.compile's rows and memplan compiled")
+    parser.add_argument("--no-eager", action="store_true", help="leave out memplan eager")
+    parser.add_argument("--out-dir", type=Path)
+    args = parser.parse_args()
+    title = MODELS[args.model][0]
+    stem = f"gpu_{args.model}" + ("_compiled" if args.no_eager else "")
+    command = f"python bench/gpu.py {' '.join(sys.argv[1:])}"
+    header = (f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, fp32; {title}\n"
+              f"command: {command}\n")
+
+    def write() -> None:
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        (args.out_dir / f"{stem}.md").write_text(header + "\n" + table(ROWS) + "\n")
+        (args.out_dir / f"{stem}.json").write_text(json.dumps(
+            dict(model=title, device=torch.cuda.get_device_name(), torch=torch.__version__,
+                 command=command, rows=ROWS), indent=1))
+
+    global WRITE
+    WRITE = write if args.out_dir else None
+    run(args.model, args.compile, eager=not args.no_eager)
+    print(header + "\n" + table(ROWS))
+
+
+if __name__ == "__main__":
+    main()
