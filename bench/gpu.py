@@ -7,10 +7,13 @@ compiled; memplan eager at 75%, 50% and 30% of the naive peak and at the least f
 Measured as in bench/core.py (peak after ``reset_peak_memory_stats``, median of 5 steps after 2
 warm-ups); reserved is ``max_memory_reserved`` over those steps, after emptying the cache.
 
-    python bench/gpu.py --model resnet50 [--compile [--no-eager]] --out-dir bench/results
+    python bench/gpu.py --model resnet50 [--compile [--no-eager]] [--budgets 75% minimum]
+                        [--no-anchors] [--tag part2] --out-dir bench/results
 
-writes ``gpu_<model>.md`` (``gpu_<model>_compiled.md`` with ``--no-eager``) (the table, device, torch version and command) and ``gpu_<model>.json``
-(the rows, for bench/pareto.py).
+writes ``gpu_<model>[_compiled][_<tag>].md`` (the table, device, torch version and command) and
+the same ``.json`` (the rows, for bench/pareto.py). ``--compile`` runs that take longer than one
+device call are split by ``--budgets`` and ``--no-anchors`` into processes with their own naive
+row.
 """
 
 from __future__ import annotations
@@ -150,16 +153,23 @@ def memplan_row(model, x, budget, label: str, compile: bool) -> dict:
                     minimum=plan.minimum_budget_bytes)
 
 
-def memplan_rows(model, x, compile: bool) -> list[dict]:
+def memplan_rows(model, x, compile: bool, budgets: list[str]) -> list[dict]:
     """At each budget, then at the least budget any of those plans (or the refusal) named."""
     rows, minimum = [], None
-    for budget in BUDGETS:
+    for budget in (b for b in budgets if b != "minimum"):
         try:
             rows.append(memplan_row(model, x, budget, budget, compile))
             minimum = rows[-1]["minimum"] if minimum is None else min(minimum, rows[-1]["minimum"])
         except memplan.InfeasibleBudgetError as error:
             print(f"memplan {budget} infeasible: {error}", flush=True)
             minimum = error.minimum_bytes if minimum is None else min(minimum, error.minimum_bytes)
+    if "minimum" not in budgets:
+        return rows
+    if minimum is None:  # only the minimum asked: the refusal of a 1-byte budget names it
+        try:
+            memplan.optimize(model, 1, example_inputs=(x,), compile=compile)
+        except memplan.InfeasibleBudgetError as error:
+            minimum = error.minimum_bytes
     try:
         rows.append(memplan_row(model, x, minimum, "minimum", compile))
     except memplan.InfeasibleBudgetError as error:  # a budget-dependent solver reached less above it
@@ -168,7 +178,7 @@ def memplan_rows(model, x, compile: bool) -> list[dict]:
     return rows
 
 
-def run(name: str, compile: bool, eager: bool = True) -> None:
+def run(name: str, compile: bool, eager: bool, anchors: bool, budgets: list[str]) -> None:
     """The configurations of one model; the rows land in ROWS."""
     _title, build, checkpointed, inputs = MODELS[name]
     torch.manual_seed(0)
@@ -176,16 +186,16 @@ def run(name: str, compile: bool, eager: bool = True) -> None:
     measured("naive eager", model, x, kind="naive eager")
     measured("built-in checkpointing", checkpointed(copy.deepcopy(model)), x,
              kind="built-in checkpointing")
-    if compile:
+    if compile and anchors:
         for budget in COMPILE_BUDGETS:
             try:
                 torch_compile_row(model, x, budget)
             except Exception as error:  # an inductor failure is this baseline's result: reported
                 print(f"torch.compile {budget} failed: {type(error).__name__}: {error}"[:300])
     if eager:
-        memplan_rows(model, x, compile=False)
+        memplan_rows(model, x, compile=False, budgets=budgets)
     if compile:
-        memplan_rows(model, x, compile=True)
+        memplan_rows(model, x, compile=True, budgets=budgets)
 
 
 def table(rows: list[dict]) -> str:
@@ -212,10 +222,13 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true",
                         help="add torch.compile's rows and memplan compiled")
     parser.add_argument("--no-eager", action="store_true", help="leave out memplan eager")
+    parser.add_argument("--no-anchors", action="store_true", help="leave out torch.compile's rows")
+    parser.add_argument("--budgets", nargs="+", default=[*BUDGETS, "minimum"])
+    parser.add_argument("--tag", help="suffix of the output files")
     parser.add_argument("--out-dir", type=Path)
     args = parser.parse_args()
     title = MODELS[args.model][0]
-    stem = f"gpu_{args.model}" + ("_compiled" if args.no_eager else "")
+    stem = "_".join(["gpu", args.model] + ["compiled"] * args.no_eager + [args.tag] * bool(args.tag))
     command = f"python bench/gpu.py {' '.join(sys.argv[1:])}"
     header = (f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, fp32; {title}\n"
               f"command: {command}\n")
@@ -229,7 +242,8 @@ def main() -> None:
 
     global WRITE
     WRITE = write if args.out_dir else None
-    run(args.model, args.compile, eager=not args.no_eager)
+    run(args.model, args.compile, eager=not args.no_eager, anchors=not args.no_anchors,
+        budgets=args.budgets)
     print(header + "\n" + table(ROWS))
 
 
