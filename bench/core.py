@@ -51,12 +51,16 @@ def measure(module: torch.nn.Module, x: torch.Tensor, repeats: int = 5) -> tuple
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated()
     times = []
+    mallocs = torch.cuda.memory_stats().get("num_device_alloc", 0)
     for _ in range(repeats):
         torch.cuda.synchronize()
         start = time.perf_counter()
         step(module, x)
         torch.cuda.synchronize()
         times.append((time.perf_counter() - start) * 1e3)
+    # cudaMalloc calls in the timed steps: each synchronizes, so a step that needs any (the
+    # cache fragmented, blocks freed to fit) is slower for reasons no op's time shows
+    measure.device_allocs = torch.cuda.memory_stats().get("num_device_alloc", 0) - mallocs
     return peak, statistics.median(times)
 
 

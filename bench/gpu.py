@@ -117,7 +117,8 @@ def measured(config: str, module, x, **extra) -> dict:
     gc.collect()
     torch.cuda.empty_cache()
     peak, ms = measure(module, x)
-    row = dict(config=config, peak=peak, reserved=torch.cuda.max_memory_reserved(), ms=ms, **extra)
+    row = dict(config=config, peak=peak, reserved=torch.cuda.max_memory_reserved(), ms=ms,
+               mallocs=measure.device_allocs, **extra)
     print(row, flush=True)
     ROWS.append(row)
     if WRITE is not None:
@@ -200,18 +201,19 @@ def run(name: str, compile: bool, eager: bool, anchors: bool, budgets: list[str]
 
 def table(rows: list[dict]) -> str:
     lines = ["| configuration | peak GiB | reserved GiB | predicted peak GiB | error | budget GiB "
-             "| within budget | step ms | vs naive | predicted ms | plan+compile s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| within budget | step ms | vs naive | predicted ms | cudaMalloc in timed steps "
+             "| plan+compile s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         predicted, budget = r.get("predicted"), r.get("budget")
-        lines.append("| {} | {:.3f} | {:.3f} | {} | {} | {} | {} | {:.1f} | {:+.1%} | {} | {} |".format(
+        lines.append("| {} | {:.3f} | {:.3f} | {} | {} | {} | {} | {:.1f} | {:+.1%} | {} | {} | {} |".format(
             r["config"], r["peak"] / GiB, r["reserved"] / GiB,
             f"{predicted / GiB:.3f}" if predicted else "–",
             f"{r['peak'] / predicted - 1:+.2%}" if predicted else "–",
             f"{budget / GiB:.3f}" if budget else "–",
             ("yes" if r["peak"] <= budget else "**no**") if budget else "–",
             r["ms"], r["ms"] / rows[0]["ms"] - 1,
-            f"{r['predicted_ms']:.1f}" if "predicted_ms" in r else "–",
+            f"{r['predicted_ms']:.1f}" if "predicted_ms" in r else "–", r.get("mallocs", "–"),
             f"{r['plan_s']:.0f}" if "plan_s" in r else "–"))
     return "\n".join(lines)
 
