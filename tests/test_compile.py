@@ -19,21 +19,21 @@ pytest.importorskip("torch._inductor.compile_fx")
 NORM_RTOL, ELEMENT_ATOL = 1e-5, 1e-5
 
 
-def assert_near(actual, expected, what: str) -> None:
+def assert_near(actual, expected, what: str, rtol: float = NORM_RTOL) -> None:
     error = (actual.double() - expected.double()).norm().item()
-    allowed = NORM_RTOL * expected.double().norm().item() + ELEMENT_ATOL * expected.numel() ** 0.5
+    allowed = rtol * expected.double().norm().item() + ELEMENT_ATOL * expected.numel() ** 0.5
     assert error <= allowed, f"{what}: error norm {error:.2e} > {allowed:.2e}"
 
 
-def assert_steps_match(module, case, eager) -> None:
+def assert_steps_match(module, case, eager, rtol: float = NORM_RTOL) -> None:
     for seed in (101, 102):
         out, grads, rng = run_step(module, case, seed)
         eager_out, eager_grads, eager_rng = run_step(eager, case, seed)
         for a, b in zip(float_leaves(out), float_leaves(eager_out)):
-            assert_near(a, b, "output")
+            assert_near(a, b, "output", rtol)
         grads = {name.removeprefix("_orig_mod."): g for name, g in grads.items()}  # torch.compile's
         for name in eager_grads:
-            assert_near(grads[name], eager_grads[name], f"gradient of {name}")
+            assert_near(grads[name], eager_grads[name], f"gradient of {name}", rtol)
         assert torch.equal(rng, eager_rng), "RNG use differs from eager"
 
 
@@ -54,3 +54,15 @@ def test_torch_compile_backend_matches_eager():
     compiled = torch.compile(case.model, backend=memplan_backend, fullgraph=True)
     assert_steps_match(compiled, case, eager)
     assert [plan.chosen.method for plan in memplan_backend.plans] == ["sqrt"]
+
+
+def test_compiled_saved_values_keep_inductors_layout():
+    """Inductor stores some saved values channels-last; the backward must be compiled for the
+    strides the compiled forward produces, not eager's. Through 40 convolutions with BatchNorm,
+    torch.compile itself differs from eager by 1.7e-4 of a gradient's norm on this CPU, hence
+    the looser bound."""
+    case = build("densenet40")
+    eager = eager_twin(case)
+    plan = memplan.optimize(case.model, 1.0, example_inputs=case.args, method="log", compile=True)
+    assert plan.program.recomputed
+    assert_steps_match(plan.module, case, eager, rtol=1e-3)
