@@ -1,7 +1,8 @@
 """The compiler-pass path: ``torch.compile(model, backend=memplan.backend(budget="8GB"))``.
 
-Each graph dynamo captures is planned on its own against the whole budget; use
-``torch.compile(..., fullgraph=True)`` so that the step is one graph and the budget bounds it.
+The budget bounds one graph, so the step must be one graph: a graph break is refused with an
+error that names it (``fullgraph=True`` semantics), since graphs planned one by one against the
+whole budget could together exceed it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch.fx as fx
 from memplan.api import METHODS, PlanResult, plan_step
 from memplan.capture import device_of, make_partition
 from memplan.cost_models import check_cost_model, node_times
+from memplan.errors import CaptureError
 from memplan.inductor import compile_with_inductor
 
 
@@ -29,6 +31,7 @@ def backend(budget: Any, *, method: str = "auto", cost_model: str = "analytic",
     plans: list[PlanResult] = []
 
     def memplan_backend(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
+        _refuse_graph_break(gm)
         device = device_of(gm, example_inputs)
 
         def planner(graph, joint):
@@ -44,3 +47,16 @@ def backend(budget: Any, *, method: str = "auto", cost_model: str = "analytic",
 
     memplan_backend.plans = plans
     return memplan_backend
+
+
+def _refuse_graph_break(gm: fx.GraphModule) -> None:
+    """Dynamo marks a graph that ends at a graph break with the break's reason and location."""
+    reason = getattr(gm, "compile_subgraph_reason", None)
+    if reason is None or not reason.graph_break:
+        return
+    where = "".join(f"\n  {frame.filename}:{frame.lineno} in {frame.name}" for frame in reason.user_stack)
+    raise CaptureError(
+        f"memplan.backend: the step has a graph break ({reason.reason}){where or ' (no location)'}\n"
+        "memplan's budget bounds one graph, and graphs planned one by one could exceed it "
+        "together. Remove the break (torch._dynamo.explain(model)(*inputs) lists them), or use "
+        "memplan.optimize, which captures the step with torch.export.")

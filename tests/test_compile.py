@@ -66,3 +66,21 @@ def test_compiled_saved_values_keep_inductors_layout():
     plan = memplan.optimize(case.model, 1.0, example_inputs=case.args, method="log", compile=True)
     assert plan.program.recomputed
     assert_steps_match(plan.module, case, eager, rtol=1e-3)
+
+
+class BreaksGraph(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        torch._dynamo.graph_break()
+        return self.b(h)
+
+
+def test_torch_compile_backend_refuses_a_graph_break():
+    model = BreaksGraph()
+    compiled = torch.compile(model, backend=memplan.backend(1.0))
+    with pytest.raises(Exception, match=r"graph break[\s\S]*test_compile.py:\d+ in forward"):
+        compiled(torch.randn(4, 8)).sum().backward()
