@@ -250,6 +250,7 @@ def joint_to_ir(joint: fx.GraphModule, num_fwd_outputs: int, *, user_outputs: in
             bytes_moved=moved + sum(storages[s].nbytes for s in refs),
             workspace_bytes=(workspaces or {}).get(node.name, 0),
             written_in_place=written,
+            pointwise=isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags,
         ))
     for name in bwd_outputs:  # a gradient is often a view of a temporary: its storage is a gradient
         for s in nodes[[n.name for n in nodes].index(name.name)].storages:

@@ -62,6 +62,7 @@ class Node:
     bytes_moved: int = 0  # bytes read plus bytes written, for the roofline
     workspace_bytes: int = 0  # scratch memory held only while the op runs (cuDNN workspaces)
     written_in_place: bool = False  # the model's eager code computes or overwrites it in place
+    pointwise: bool = False  # elementwise (torch.Tag.pointwise): cheap to recompute from its inputs
 
 
 @dataclass(frozen=True)

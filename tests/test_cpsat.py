@@ -12,6 +12,7 @@ from hypothesis import given, settings, strategies as st
 
 import memplan
 from memplan.cost_models.analytic import for_device
+from memplan.graph import Phase
 from memplan.liveness import simulate
 from memplan.program import build_program
 from memplan.solvers import SolverConfig, evaluate, solve, solve_auto
@@ -58,6 +59,43 @@ def test_finds_the_brute_force_optimum_over_keep_sets(depth):
         assert schedule.feasible and schedule.peak_bytes <= budget
         assert schedule.recompute_s == pytest.approx(optimum, rel=1e-12, abs=1e-15), budget
 
+
+
+class TanhGeluMLP(nn.Module):
+    """GPT-2's GELU, written out: a chain of eight pointwise ops between two matmuls."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(32, 128), nn.Linear(128, 32)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(0.5 * h * (1 + torch.tanh(0.79788456 * (h + 0.044715 * h.pow(3)))))
+
+
+def test_pointwise_chains_are_one_unit():
+    """Inside a pointwise chain nothing is kept; over the keep sets left, the brute-force
+    optimum (checked against the simulator) is still found."""
+    torch.manual_seed(0)
+    graph = captured(nn.Sequential(TanhGeluMLP(), TanhGeluMLP()), torch.randn(4096, 32))
+    model = cpsat.build_keep_model(graph)
+    assert len(model.coarsened) >= 10
+    for name in model.keep_first:
+        forward_users = [u for u in graph.users[name] if graph[u].phase is Phase.FORWARD]
+        if not graph[name].pointwise or not all(graph[u].pointwise for u in forward_users):
+            assert name not in model.coarsened, name  # matmul outputs and chain ends stay choices
+    choices = [name for name in model.keep_first if name not in model.coarsened]
+    assert 4 <= len(choices) <= 10
+    config = config_for(graph, time_limit_s=20)
+    programs = [build_program(graph, model.fixed_keep | set(chosen))
+                for r in range(len(choices) + 1) for chosen in itertools.combinations(choices, r)]
+    peaks = sorted({simulate(graph, p).peak_bytes for p in programs})
+    for budget in peaks[len(peaks) // 2:]:
+        optimum = min(s.recompute_s for s in (evaluate(graph, p, budget, method="brute", config=config)
+                                              for p in programs) if s.feasible)
+        schedule = cpsat.solve(graph, budget, config=config)
+        assert schedule.feasible and schedule.peak_bytes <= budget
+        assert schedule.recompute_s <= optimum * (1 + 1e-12) + 1e-15, budget
 
 @settings(max_examples=12, deadline=None)
 @given(fraction=st.floats(min_value=0.3, max_value=1.1))

@@ -18,6 +18,11 @@ use, ...) is a fixed profile, measured by the simulator on the program that keep
 One cumulative constraint keeps the sum under the budget at every step; the objective is the
 recomputation time, recompute chains included (r_u >= r_v - keep_u).
 
+Chains of pointwise ops are coarsened to one unit: a pointwise value whose only forward user is
+another keepable pointwise value is never kept, only the chain's last value is a choice. Its
+inner values are recomputed from the chain's input when backward reads them, as a compiler
+would fuse them; the search space shrinks by every such value (optimal over coarsened keep sets).
+
 The model over-approximates memory a little (the values recomputed before one backward node
 count as if alive together); the simulator is the judge, and a plan it finds over budget tightens the capacity by the excess and
 is solved again. Structurally identical blocks are solved first with their decisions tied, a far
@@ -62,13 +67,14 @@ class KeepModel:
     backward_reads: dict[str, list[int]]  # value -> backward steps that read it
     forward_users: dict[str, list[tuple[str, bool]]]  # value -> (recomputable user, aliases it)
     owner: dict[int, str]  # storage -> the first forward tensor value that refers to it
+    coarsened: set[str]  # keepable values inside pointwise chains: never kept
 
     def assignment(self, graph: JointGraph, saved: tuple[str, ...]) -> tuple[set[str], set[str]]:
         """The model's keep and recompute sets for a program that saves ``saved``: a saved view
         keeps its base's storage, and is itself recomputed from it."""
         kept = {self.owner[s] for name in saved if name in self.recompute_bytes
                 for s in graph[name].storages if self.owner.get(s) in self.keep_first}
-        return self._completed(graph, kept)
+        return self._completed(graph, kept - self.coarsened)
 
     def tied(self, graph: JointGraph, kept: set[str], ties: dict[str, str]) -> tuple[set[str], set[str]]:
         """The same decisions in every identical block: keep a value only where every block
@@ -137,7 +143,18 @@ def build_keep_model(graph: JointGraph) -> KeepModel:
         for t in range(first, end + 1):  # the keep-everything profile holds it: take it out
             base[t] -= nbytes
     return KeepModel(forward_count, steps, base, fixed_keep, keep_first, recompute_bytes, window,
-                     step_of_reads, forward_users, owner)
+                     step_of_reads, forward_users, owner, _pointwise_chain_values(graph, keep_first))
+
+
+def _pointwise_chain_values(graph: JointGraph, keepable) -> set[str]:
+    """Pointwise values whose only forward user is a keepable pointwise value."""
+    inner = set()
+    for name in keepable:
+        users = [u for u in graph.users[name] if graph[u].phase is Phase.FORWARD]
+        if graph[name].pointwise and len(users) == 1 and graph[users[0]].pointwise \
+                and users[0] in keepable:
+            inner.add(name)
+    return inner
 
 
 def _recompute_windows(recomputable: list[str], reads: dict[str, list[int]],
@@ -184,7 +201,8 @@ def _cp_model(model: KeepModel, capacity: int, times: dict[str, float], ties: di
     from ortools.sat.python import cp_model
 
     cp = cp_model.CpModel()
-    keep = {name: cp.NewBoolVar(f"keep_{name}") for name in model.keep_first}
+    keep = {name: cp.NewBoolVar(f"keep_{name}") for name in model.keep_first
+            if name not in model.coarsened}
     recompute = {name: cp.NewBoolVar(f"r_{name}") for name in model.recompute_bytes}
     start, end, kept_end = {}, {}, {}
     for name, (earliest, latest, last_use) in model.window.items():
