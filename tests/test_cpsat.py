@@ -40,6 +40,19 @@ def config_for(graph, **kwargs) -> SolverConfig:
     return SolverConfig(node_time_s=for_device("cpu").times(graph), workers=1, **kwargs)
 
 
+def brute_force_optima(graph, model, choices, config):
+    """(budget, least recompute time of any keep set of ``choices``) at the upper half of their
+    peaks: the model counts the values recomputed before one backward node as alive together,
+    so on the tightest budgets it may refuse plans that fit; above them it must find the optimum."""
+    programs = [build_program(graph, model.fixed_keep | set(chosen))
+                for r in range(len(choices) + 1) for chosen in itertools.combinations(choices, r)]
+    peaks = sorted({simulate(graph, p).peak_bytes for p in programs})
+    for budget in peaks[len(peaks) // 2:]:
+        yield budget, min(s.recompute_s for s in (evaluate(graph, p, budget, method="brute",
+                                                           config=config) for p in programs)
+                          if s.feasible)
+
+
 @pytest.mark.parametrize("depth", [4, 6])
 def test_finds_the_brute_force_optimum_over_keep_sets(depth):
     graph = tanh_mlp(depth)
@@ -47,14 +60,7 @@ def test_finds_the_brute_force_optimum_over_keep_sets(depth):
     model = cpsat.build_keep_model(graph)
     keepable = list(model.keep_first)
     assert 4 <= len(keepable) <= 12
-    programs = [build_program(graph, model.fixed_keep | set(chosen))
-                for r in range(len(keepable) + 1) for chosen in itertools.combinations(keepable, r)]
-    peaks = sorted({simulate(graph, p).peak_bytes for p in programs})
-    # The model counts the values recomputed before one backward node as alive together, so on
-    # the tightest budgets it may refuse plans that fit; above them it must find the optimum.
-    for budget in peaks[len(peaks) // 2:]:
-        optimum = min(s.recompute_s for s in (evaluate(graph, p, budget, method="brute", config=config)
-                                              for p in programs) if s.feasible)
+    for budget, optimum in brute_force_optima(graph, model, keepable, config):
         schedule = cpsat.solve(graph, budget, config=config)
         assert schedule.feasible and schedule.peak_bytes <= budget
         assert schedule.recompute_s == pytest.approx(optimum, rel=1e-12, abs=1e-15), budget
@@ -87,12 +93,7 @@ def test_pointwise_chains_are_one_unit():
     choices = [name for name in model.keep_first if name not in model.coarsened]
     assert 4 <= len(choices) <= 10
     config = config_for(graph, time_limit_s=20)
-    programs = [build_program(graph, model.fixed_keep | set(chosen))
-                for r in range(len(choices) + 1) for chosen in itertools.combinations(choices, r)]
-    peaks = sorted({simulate(graph, p).peak_bytes for p in programs})
-    for budget in peaks[len(peaks) // 2:]:
-        optimum = min(s.recompute_s for s in (evaluate(graph, p, budget, method="brute", config=config)
-                                              for p in programs) if s.feasible)
+    for budget, optimum in brute_force_optima(graph, model, choices, config):
         schedule = cpsat.solve(graph, budget, config=config)
         assert schedule.feasible and schedule.peak_bytes <= budget
         assert schedule.recompute_s <= optimum * (1 + 1e-12) + 1e-15, budget
