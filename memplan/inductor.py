@@ -2,7 +2,9 @@
 
 aot_autograd traces with inductor's decompositions and calls memplan's partition function; the
 forward and backward graphs it returns go to inductor's graph compiler. Inductor fuses and
-reorders within each graph, so the measured peak may be lower than the eager prediction.
+reorders within each graph, so the measured peak is not the eager prediction: lower where it
+fuses temporaries away, higher where it moves the planned recomputations
+(bench/results/compiled_peak_h200.md).
 Dropout uses PyTorch's own generator (``fallback_random``), so masks equal eager's. Loop
 reordering after fusion is off: on torch 2.11 it asserts in the scheduler on planned DenseNet
 backward graphs (``reorder_loops_by_dep_pair``).
@@ -15,9 +17,8 @@ so one is made here.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
-
 import contextlib
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
