@@ -10,7 +10,8 @@ warm-ups); reserved is ``max_memory_reserved`` over those steps, after emptying 
     python bench/gpu.py --model resnet50 [--compile [--no-eager]] [--budgets 75% minimum]
                         [--no-anchors] [--tag part2] --out-dir bench/results
 
-writes ``gpu_<model>[_compiled][_<tag>].md`` (the table, device, torch version and command) and
+writes ``gpu_<model>[_compiled][_<tag>].md`` (``_compiled`` with ``--no-eager``: the table,
+device, torch version and command) and
 the same ``.json`` (the rows, for bench/pareto.py). ``--compile`` runs that take longer than one
 device call are split by ``--budgets`` and ``--no-anchors`` into processes with their own naive
 row.
