@@ -38,6 +38,15 @@ def step(module: torch.nn.Module, x: torch.Tensor) -> None:
     module(x).float().sum().backward()
 
 
+def least_budget(model: torch.nn.Module, x: torch.Tensor, compile: bool = False) -> int:
+    """The least budget memplan names for this step: the one its refusal of 1 byte gives."""
+    try:
+        memplan.optimize(model, 1, example_inputs=(x,), compile=compile)
+    except memplan.InfeasibleBudgetError as error:
+        return error.minimum_bytes
+    raise AssertionError("a 1-byte budget was accepted")
+
+
 def measure(module: torch.nn.Module, x: torch.Tensor, repeats: int = 5) -> tuple[int, float]:
     """Peak bytes of one step and its median time in ms."""
     for _ in range(2):

@@ -35,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import densenet  # noqa: E402
 import resnet1001  # noqa: E402
-from core import GiB, SequentialCheckpoint, _efficient, _hf_checkpointing, gpt2_medium, measure  # noqa: E402
+from core import (GiB, SequentialCheckpoint, _efficient, _hf_checkpointing, gpt2_medium,  # noqa: E402
+                  least_budget, measure)
 
 import memplan  # noqa: E402
 
@@ -167,11 +168,8 @@ def memplan_rows(model, x, compile: bool, budgets: list[str]) -> list[dict]:
             minimum = error.minimum_bytes if minimum is None else min(minimum, error.minimum_bytes)
     if "minimum" not in budgets:
         return rows
-    if minimum is None:  # only the minimum asked: the refusal of a 1-byte budget names it
-        try:
-            memplan.optimize(model, 1, example_inputs=(x,), compile=compile)
-        except memplan.InfeasibleBudgetError as error:
-            minimum = error.minimum_bytes
+    if minimum is None:  # only the minimum asked
+        minimum = least_budget(model, x, compile)
     try:
         rows.append(memplan_row(model, x, minimum, "minimum", compile))
     except memplan.InfeasibleBudgetError as error:  # a budget-dependent solver reached less above it

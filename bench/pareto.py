@@ -43,7 +43,7 @@ def frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return best
 
 
-def plot(model: str, runs: list[dict], out: Path) -> None:
+def plot(runs: list[dict], out: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 5.5))
     seen_kinds = set()
     points = []
@@ -82,7 +82,7 @@ def main() -> None:
         runs[model_key(path)].append(json.loads(path.read_text()))
     for model, model_runs in runs.items():
         out = args.results / f"pareto_{model}.png"
-        plot(model, model_runs, out)
+        plot(model_runs, out)
         print(out)
 
 

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
+import core  # noqa: E402
 import densenet  # noqa: E402
 
 import memplan  # noqa: E402
@@ -43,10 +45,7 @@ def main() -> None:
     x = torch.randn(64, 3, 32, 32, device="cuda")
     budget = int(sys.argv[1]) if len(sys.argv) > 1 else None
     if budget is None:
-        try:
-            memplan.optimize(model, 1, example_inputs=(x,))
-        except memplan.InfeasibleBudgetError as error:
-            budget = error.minimum_bytes
+        budget = core.least_budget(model, x)
     for compile in (False, True):
         plan = memplan.optimize(model, budget, example_inputs=(x,), compile=compile)
         forward, after, backward = phase_peaks(plan.module, x)

@@ -15,7 +15,9 @@ from pathlib import Path
 import torch
 import torch._inductor.memory as inductor_memory
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
+import core  # noqa: E402
 import densenet  # noqa: E402
 
 import memplan  # noqa: E402
@@ -42,10 +44,7 @@ def main() -> None:
     model, x = densenet.model(40, 12), torch.randn(32, 3, 32, 32)
     budget = int(sys.argv[1]) if len(sys.argv) > 1 else None
     if budget is None:
-        try:
-            memplan.optimize(model, 1, example_inputs=(x,), compile=True)
-        except memplan.InfeasibleBudgetError as error:
-            budget = error.minimum_bytes
+        budget = core.least_budget(model, x, compile=True)
     plan = memplan.optimize(model, budget, example_inputs=(x,), compile=True)
     forward_timelines = len(timelines)
     plan.module(x).sum().backward()  # the backward compiles at its first call
