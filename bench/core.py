@@ -35,7 +35,8 @@ GiB = 2**30
 def step(module: torch.nn.Module, x: torch.Tensor) -> None:
     for p in module.parameters():
         p.grad = None
-    module(x).float().sum().backward()
+    out = module(x)  # held through backward, as `out = model(x); loss_fn(out, y).backward()` does
+    out.float().sum().backward()
 
 
 def least_budget(model: torch.nn.Module, x: torch.Tensor, compile: bool = False) -> int:
