@@ -30,6 +30,7 @@ from memplan.cost_models.workspace import measure_workspaces
 from memplan.errors import CaptureError
 from memplan.executor import boxed
 from memplan.inductor import compile_with_inductor
+from memplan.passes.buffer_updates import free_backward_of_running_stats, update_buffers_in_place
 from memplan.passes.dropout import recompute_dropout_from_mask
 from memplan.passes.partition import split
 from memplan.graph import (CUDA_ALLOCATOR_ROUNDING, Category, JointGraph, Node, Phase, Storage,
@@ -322,6 +323,7 @@ def make_partition(planner: Planner, result: dict[str, Any], *, device: torch.de
 
     def partition(joint: fx.GraphModule, _inputs: Any, *, num_fwd_outputs: int, **_: Any):
         _drop_metadata_checks(joint)
+        free_backward_of_running_stats(joint)
         if eager:  # inductor has its own dropout lowering, and no native_dropout_backward one
             recompute_dropout_from_mask(joint)
         with _disable_current_modes():  # aot_autograd partitions under FakeTensorMode
@@ -375,12 +377,17 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, planner: Planner,
         compiled.append(graph_module)
         return boxed(graph_module)
 
+    def compile_forward(graph_module: fx.GraphModule, inputs: Any) -> Callable[..., Any]:
+        update_buffers_in_place(graph_module, [n.name for n in result["graph"].nodes if n.mutated])
+        return compile_one(graph_module, inputs)
+
     with _recursion_limit(_DEEP_MODEL_RECURSION):
         if compile:
             run = compile_with_inductor(gm, fake_inputs, partition)
         else:
-            run = aot_module_simplified(gm, fake_inputs, fw_compiler=compile_one,
-                                        bw_compiler=compile_one, partition_fn=partition)
+            run = aot_module_simplified(gm, fake_inputs, fw_compiler=compile_forward,
+                                        bw_compiler=compile_one, inference_compiler=compile_one,
+                                        partition_fn=partition)
     if "graph" not in result:
         raise CaptureError(
             f"{type(model).__name__}'s step has no backward: no parameter or input requires a "

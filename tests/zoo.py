@@ -146,6 +146,26 @@ def views_in_place() -> Case:
     return Case(ViewsInPlace(), (torch.randn(8, 64),))
 
 
+class StatefulNorms(nn.Module):
+    """One BatchNorm applied twice, and one whose running mean the forward reads once updated."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.shared = nn.BatchNorm2d(8)
+        self.read = nn.BatchNorm2d(8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.shared(torch.relu(self.shared(self.conv(x))))
+        y = self.read(x) + self.read.running_mean.view(1, -1, 1, 1)
+        return self.head(y.mean((2, 3)))
+
+
+def stateful_norms() -> Case:
+    return Case(StatefulNorms(), (torch.randn(4, 3, 16, 16),))
+
+
 BUILDERS: dict[str, Callable[[], Case]] = {
     "gpt2": gpt2,
     "bert": bert,
@@ -158,6 +178,7 @@ BUILDERS: dict[str, Callable[[], Case]] = {
     "mlp": mlp_example,
     "nested_io": nested_io,
     "views_in_place": views_in_place,
+    "stateful_norms": stateful_norms,
 }
 
 
