@@ -253,8 +253,9 @@ def joint_to_ir(joint: fx.GraphModule, num_fwd_outputs: int, *, user_outputs: in
             written_in_place=written,
             pointwise=isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags,
         ))
-    for name in bwd_outputs:  # a gradient is often a view of a temporary: its storage is a gradient
-        for s in nodes[[n.name for n in nodes].index(name.name)].storages:
+    by_name = {node.name: node for node in nodes}
+    for output in bwd_outputs:  # a gradient is often a view of a temporary: its storage is a gradient
+        for s in by_name[output.name].storages:
             storages[s] = Storage(storages[s].nbytes, Category.GRADIENT)
     return JointGraph(nodes=tuple(nodes), storages=tuple(storages),
                       forward_outputs=tuple(n.name for n in fwd_outputs),

@@ -11,6 +11,7 @@ The values are bitwise the same: the functional BatchNorm is the in-place one ru
 
 from __future__ import annotations
 
+import collections
 import operator
 
 import torch
@@ -34,13 +35,14 @@ def update_buffers_in_place(forward: fx.GraphModule, mutated_inputs: list[str]) 
     """Rewrite the forward graph; ``mutated_inputs`` names, in input order, the placeholders
     whose new values the graph returns first. Returns how many buffers are now updated in place."""
     output = forward.graph.output_node()
-    write_backs = list(output.args[0][:len(mutated_inputs)])
+    returned = output.args[0]
+    occurrences = collections.Counter(returned)
     placeholders = {n.name: n for n in forward.graph.find_nodes(op="placeholder")}
     slot_of = {}  # a write-back value -> the placeholder it is written into
-    for name, value in zip(mutated_inputs, write_backs):
-        if isinstance(value, fx.Node) and len(value.users) == 1 and output.args[0].count(value) == 1:
+    for name, value in zip(mutated_inputs, returned[:len(mutated_inputs)]):
+        if isinstance(value, fx.Node) and len(value.users) == 1 and occurrences[value] == 1:
             slot_of[value] = placeholders[name]
-    rewritten = 0
+    returned_instead: dict[fx.Node, fx.Node] = {}  # the write-back value -> the updated buffer
     for node in list(forward.graph.nodes):
         if node.target is _FUNCTIONAL_BATCH_NORM and node.args[5]:
             updates = [_getitem(node, index) for index in (3, 4)]
@@ -48,16 +50,17 @@ def update_buffers_in_place(forward: fx.GraphModule, mutated_inputs: list[str]) 
             if all(_only_update(buffer, update, node, slot_of, output)
                    for buffer, update in zip(buffers, updates)):
                 node.target = aten._native_batch_norm_legit.default
-                for buffer, update in zip(buffers, updates):
-                    update.replace_all_uses_with(buffer)
-                    forward.graph.erase_node(update)
-                rewritten += 2
+                returned_instead.update(zip(updates, buffers))
         elif node.target is aten.add.Tensor and _only_update(node.args[0], node, node, slot_of, output):
             node.target = aten.add_.Tensor  # num_batches_tracked += 1
-            output.replace_input_with(node, node.args[0])
-            rewritten += 1
+            returned_instead[node] = node.args[0]
+    # One rewrite of the output: replacing uses one by one rescans it each time.
+    output.args = (type(returned)(returned_instead.get(v, v) for v in returned), *output.args[1:])
+    for update in returned_instead:
+        if update.target is operator.getitem:
+            forward.graph.erase_node(update)
     forward.recompile()
-    return rewritten
+    return len(returned_instead)
 
 
 def _getitem(node: fx.Node, index: int) -> fx.Node | None:
