@@ -31,7 +31,8 @@ from memplan.errors import CaptureError
 from memplan.executor import boxed
 from memplan.inductor import compile_with_inductor
 from memplan.passes.buffer_updates import free_backward_of_running_stats, update_buffers_in_place
-from memplan.passes.dropout import recompute_dropout_from_mask
+from memplan.passes.dropout import (draw, recompute_dropout_from_mask, replay_dropout_masks,
+                                    reuse_draws_in_forward)
 from memplan.passes.partition import split
 from memplan.graph import (CUDA_ALLOCATOR_ROUNDING, Category, JointGraph, Node, Phase, Storage,
                            allocated_bytes)
@@ -129,8 +130,18 @@ _BATCH_NORM = torch.ops.aten._native_batch_norm_legit_functional.default
 
 
 def _is_random(node: fx.Node) -> bool:
-    return (isinstance(node.target, torch._ops.OpOverload)
-            and torch.Tag.nondeterministic_seeded in node.target.tags)
+    return node.target is draw or (
+        isinstance(node.target, torch._ops.OpOverload)
+        and torch.Tag.nondeterministic_seeded in node.target.tags)
+
+
+def _op_name(target: Any) -> str:
+    """``aten.relu.default``; a Python function by its qualified name; a placeholder's name."""
+    if target is operator.getitem:
+        return "getitem"
+    if callable(target) and not isinstance(target, torch._ops.OpOverload):
+        return f"{target.__module__}.{target.__qualname__}"
+    return str(target)
 
 
 def _must_save(node: fx.Node) -> bool:
@@ -241,7 +252,7 @@ def joint_to_ir(joint: fx.GraphModule, num_fwd_outputs: int, *, user_outputs: in
                     for t in _tensors(n.meta.get("val")))
         nodes.append(Node(
             name=node.name, phase=phase, inputs=inputs, storages=tuple(dict.fromkeys(refs)),
-            op="getitem" if target is operator.getitem else str(target),
+            op=_op_name(target),
             module_path=_module_path(node), must_save=_must_save(node),
             mutated=phase is Phase.PRIMAL and _target(node) in mutated,
             state_inputs=_state_inputs(node),
@@ -327,6 +338,7 @@ def make_partition(planner: Planner, result: dict[str, Any], *, device: torch.de
         free_backward_of_running_stats(joint)
         if eager:  # inductor has its own dropout lowering, and no native_dropout_backward one
             recompute_dropout_from_mask(joint)
+            replay_dropout_masks(joint)
         with _disable_current_modes():  # aot_autograd partitions under FakeTensorMode
             workspaces = measure_workspaces(joint, device)
             ambient_bytes = _ambient_bytes(model, flat_inputs, device) if model is not None else 0
@@ -380,6 +392,7 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, planner: Planner,
 
     def compile_forward(graph_module: fx.GraphModule, inputs: Any) -> Callable[..., Any]:
         update_buffers_in_place(graph_module, [n.name for n in result["graph"].nodes if n.mutated])
+        reuse_draws_in_forward(graph_module)
         return compile_one(graph_module, inputs)
 
     with _recursion_limit(_DEEP_MODEL_RECURSION):

@@ -37,7 +37,8 @@ def op_family(op_name: str) -> str:
         return "batch_norm"
     if name in ("conv1d", "conv2d", "conv3d", "cudnn_convolution", "convolution"):
         return "convolution"
-    if name.startswith("bernoulli"):  # CPU dropout draws its mask in place; CUDA's is fused
+    # CPU dropout draws its mask in place, CUDA's is fused; the graph reads a draw's replay
+    if name.startswith("bernoulli") or name == _REPLAY:
         return "native_dropout"
     name = name.lstrip("_").removesuffix("_functional").removesuffix("_")
     return "view" if name in ("unsafe_view", "reshape", "reshape_alias") else name
@@ -45,6 +46,9 @@ def op_family(op_name: str) -> str:
 
 # Ops selective checkpointing never asks about (``SAC_IGNORED_OPS``): saving one saves its input.
 _UNASKED = ("aten.detach.default",)
+# A dropout's draw, whose saved output is the generator state: torch.utils.checkpoint keeps
+# that state itself. Its replay is what eager's dropout returns.
+_DRAW, _REPLAY = "memplan.passes.dropout.draw", "memplan.passes.dropout.replay"
 
 
 def saved_ops(graph: JointGraph, program: Program) -> frozenset[str]:
@@ -66,7 +70,7 @@ def _saved_op_nodes(graph: JointGraph, program: Program) -> set[str]:
         node = graph[name]
         while node.phase is Phase.FORWARD and (node.op == "getitem" or node.op in _UNASKED):
             node = graph[node.inputs[0]]
-        if node.phase is Phase.FORWARD:
+        if node.phase is Phase.FORWARD and node.op != _DRAW:
             ops.add(node.name)
     return ops
 

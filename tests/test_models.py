@@ -79,12 +79,31 @@ def test_each_method_is_exact(name, method):
     assert_measured_peak(plan, case)
 
 
-def test_dropout_keeps_only_its_mask():
+DRAW, REPLAY = "memplan.passes.dropout.draw", "memplan.passes.dropout.replay"
+
+
+def test_dropout_keeps_only_its_generator_state():
+    """Each dropout is drawn once; what must be kept is the generator state it started from:
+    its mask is a replay of the draw, and its output the input times the mask."""
     case = build("gpt2")
     graph = optimize(case, "100%", method="none")._result().graph
-    dropouts = [n.name for n in graph.nodes if n.op == "aten.native_dropout.default"]
-    kept = [n for n in graph.nodes if n.must_save and n.op == "getitem" and n.inputs[0] in dropouts]
-    assert dropouts and len(kept) == len(dropouts)  # one mask each, the output is recomputable
-    recomputable = [n for n in graph.nodes if n.op == "aten.native_dropout_backward.default"
-                    and n.phase.value == "forward"]
-    assert len(recomputable) == len(dropouts)
+    draws = [n.name for n in graph.nodes if n.op == DRAW]
+    replays = [n for n in graph.nodes if n.op == REPLAY]
+    states = [n for n in graph.nodes if n.must_save and n.op == "getitem" and n.inputs[0] in draws]
+    assert len(draws) == len(replays) == len(states) == 7  # embedding, and 3 per block
+    assert not any(n.must_save for n in replays)
+    products = [n for n in graph.nodes if n.op == "aten.native_dropout_backward.default"
+                and n.phase.value == "forward"]
+    assert len(products) == len(draws)
+
+
+def test_masks_are_recomputed_at_the_least_budget_and_drawn_once_in_forward():
+    case = build("gpt2")
+    eager = eager_twin(case)
+    plan = optimize(case, smallest_feasible_budget(case))
+    graph = plan._result().graph
+    assert any(graph[name].op == REPLAY for name in plan.program.backward)
+    step, _ = next(iter(plan.module._steps.values()))
+    forward_targets = {str(n.target) for n in step.fx_compiled[0].graph.nodes}
+    assert not any("replay" in t for t in forward_targets)
+    assert_matches_eager(plan, case, eager)

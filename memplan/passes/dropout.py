@@ -1,12 +1,19 @@
-"""Keep dropout's mask, recompute its output.
+"""Dropout whose output and mask can be recomputed, and are the ones eager draws.
 
-A random op is never recomputed (it would draw new numbers), so everything it returns is saved:
-for ``native_dropout`` that is the mask *and* the output, and the output is as large as the
-input (an attention dropout holds batch × heads × length² values per layer). The output is
-the input times the mask times 1/(1-p), which is exactly what ``native_dropout_backward``
-computes from them (the mask is 0 or 1, so the product is the same float in any order). This
-pass rewrites every use of the output to that product, so that only the mask (one byte per
-value) must be kept and the output can be freed and recomputed like any other value.
+A random op is never recomputed as it is (it would draw new numbers), so everything it returns
+would be saved: for ``native_dropout`` the mask *and* the output, and the output is as large as
+the input (an attention dropout holds batch × heads × length² values per layer). Two rewrites:
+
+- The output is the input times the mask times 1/(1-p), which is exactly what
+  ``native_dropout_backward`` computes from them (the mask is 0 or 1, so the product is the same
+  float in any order). Every use of the output reads that product, so the output can be freed
+  and recomputed from the mask like any other value.
+- The mask itself is drawn by ``draw``, which also returns the generator's state before the
+  draw (a few bytes), and every use reads ``replay`` of that state: the same draw again, with
+  the generator left as it was (what ``torch.utils.checkpoint`` does when it preserves RNG
+  state). That replay is an ordinary
+  value the plan may keep or recompute. In the forward it is the draw's own result
+  (``reuse_draws_in_forward``), so the forward draws once and replays nothing.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import operator
 
 import torch
 import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensor
 
 aten = torch.ops.aten
 
@@ -48,3 +56,72 @@ def recompute_dropout_from_mask(joint: fx.GraphModule) -> int:
         joint.graph.lint()
         joint.recompile()
     return rewritten
+
+
+def replay_dropout_masks(joint: fx.GraphModule) -> None:
+    """Draw each training dropout with its generator state saved, and read it as a replay."""
+    for node in list(joint.graph.nodes):
+        if node.target is not aten.native_dropout.default or not node.args[2]:
+            continue
+        op, args = node.target, node.args
+        value = node.meta["val"]
+        with joint.graph.inserting_before(node):
+            drawn = joint.graph.call_function(draw, (op, *args))
+            state = joint.graph.call_function(operator.getitem, (drawn, 0))
+            replayed = joint.graph.call_function(replay, (state, op, *args))
+        state_value = value[0].fake_mode.from_tensor(_generator_state(value[0].device))
+        drawn.meta.update(node.meta, val=(state_value, tuple(_like(v) for v in value)))
+        state.meta.update(node.meta, val=state_value)
+        replayed.meta.update(node.meta, val=tuple(_like(v) for v in value))
+        node.replace_all_uses_with(replayed)
+        joint.graph.erase_node(node)
+    joint.graph.lint()
+    joint.recompile()
+
+
+def reuse_draws_in_forward(forward: fx.GraphModule) -> None:
+    """In the forward graph, a replay right after its draw is the draw's own result."""
+    for replayed in forward.graph.find_nodes(op="call_function", target=replay):
+        drawn = replayed.args[0].args[0]
+        with forward.graph.inserting_after(replayed.args[0]):
+            result = forward.graph.call_function(operator.getitem, (drawn, 1))
+        replayed.replace_all_uses_with(result)
+        forward.graph.erase_node(replayed)
+    forward.recompile()
+
+
+def draw(op: torch._ops.OpOverload, *args):
+    """Run a random op; return the generator state it started from, and its result."""
+    device = _device(args)
+    return _generator_state(device), op(*args)
+
+
+def replay(state: torch.Tensor, op: torch._ops.OpOverload, *args):
+    """Run a random op from a saved generator state, leaving the generator as it was."""
+    device = _device(args)
+    current = _generator_state(device)
+    _set_generator_state(device, state)
+    try:
+        return op(*args)
+    finally:
+        _set_generator_state(device, current)
+
+
+def _device(args: tuple) -> torch.device:
+    return next(a.device for a in args if isinstance(a, torch.Tensor))
+
+
+def _generator_state(device: torch.device) -> torch.Tensor:
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _set_generator_state(device: torch.device, state: torch.Tensor) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
+
+
+def _like(value: FakeTensor) -> FakeTensor:
+    """A fake tensor of the same shape and strides with a storage of its own."""
+    return value.new_empty_strided(value.shape, value.stride())
