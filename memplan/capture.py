@@ -37,7 +37,7 @@ from memplan.passes.partition import split
 from memplan.graph import (CUDA_ALLOCATOR_ROUNDING, Category, JointGraph, Node, Phase, Storage,
                            allocated_bytes)
 from memplan.program import Program
-from memplan.sac import op_family
+from memplan.sac import op_family, op_name
 
 log = logging.getLogger(__name__)
 
@@ -133,15 +133,6 @@ def _is_random(node: fx.Node) -> bool:
     return node.target is draw or (
         isinstance(node.target, torch._ops.OpOverload)
         and torch.Tag.nondeterministic_seeded in node.target.tags)
-
-
-def _op_name(target: Any) -> str:
-    """``aten.relu.default``; a Python function by its qualified name; a placeholder's name."""
-    if target is operator.getitem:
-        return "getitem"
-    if callable(target) and not isinstance(target, torch._ops.OpOverload):
-        return f"{target.__module__}.{target.__qualname__}"
-    return str(target)
 
 
 def _must_save(node: fx.Node) -> bool:
@@ -252,7 +243,7 @@ def joint_to_ir(joint: fx.GraphModule, num_fwd_outputs: int, *, user_outputs: in
                     for t in _tensors(n.meta.get("val")))
         nodes.append(Node(
             name=node.name, phase=phase, inputs=inputs, storages=tuple(dict.fromkeys(refs)),
-            op=_op_name(target),
+            op=op_name(target),
             module_path=_module_path(node), must_save=_must_save(node),
             mutated=phase is Phase.PRIMAL and _target(node) in mutated,
             state_inputs=_state_inputs(node),

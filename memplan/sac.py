@@ -15,6 +15,7 @@ graph, and the policy recomputes them.
 
 from __future__ import annotations
 
+import operator
 import warnings
 from collections import defaultdict
 from typing import Any
@@ -23,6 +24,7 @@ import torch
 from torch.utils.checkpoint import CheckpointPolicy
 
 from memplan.graph import CUDA_ALLOCATOR_ROUNDING, JointGraph, Phase, allocated_bytes
+from memplan.passes.dropout import draw, replay
 from memplan.program import Program
 
 # How many nodes of its family the policy may skip to find an op's node: eager runs a few ops
@@ -30,9 +32,19 @@ from memplan.program import Program
 LOOKAHEAD = 4
 
 
-def op_family(op_name: str) -> str:
+def op_name(target: Any) -> str:
+    """How the IR names an fx node's target: ``aten.relu.default``, a Python function by its
+    qualified name, a placeholder by its own name."""
+    if target is operator.getitem:
+        return "getitem"
+    if callable(target) and not isinstance(target, torch._ops.OpOverload):
+        return f"{target.__module__}.{target.__qualname__}"
+    return str(target)
+
+
+def op_family(op: str) -> str:
     """``aten.relu_.default`` → ``relu``; every batch-norm variant → ``batch_norm``."""
-    name = op_name.removeprefix("aten.").rsplit(".", 1)[0] if op_name.startswith("aten.") else op_name
+    name = op.removeprefix("aten.").rsplit(".", 1)[0] if op.startswith("aten.") else op
     if "batch_norm" in name:
         return "batch_norm"
     if name in ("conv1d", "conv2d", "conv3d", "cudnn_convolution", "convolution"):
@@ -48,7 +60,7 @@ def op_family(op_name: str) -> str:
 _UNASKED = ("aten.detach.default",)
 # A dropout's draw, whose saved output is the generator state: torch.utils.checkpoint keeps
 # that state itself. Its replay is what eager's dropout returns.
-_DRAW, _REPLAY = "memplan.passes.dropout.draw", "memplan.passes.dropout.replay"
+_DRAW, _REPLAY = op_name(draw), op_name(replay)
 
 
 def saved_ops(graph: JointGraph, program: Program) -> frozenset[str]:

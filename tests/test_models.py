@@ -9,6 +9,8 @@ from __future__ import annotations
 import pytest
 
 import memplan
+from memplan.passes.dropout import draw, replay
+from memplan.sac import op_name
 from harness import (assert_matches_eager, assert_measured_peak, assert_randomness_matters,
                      assert_shares_parameters, eager_twin)
 from zoo import BUILDERS, build
@@ -79,7 +81,7 @@ def test_each_method_is_exact(name, method):
     assert_measured_peak(plan, case)
 
 
-DRAW, REPLAY = "memplan.passes.dropout.draw", "memplan.passes.dropout.replay"
+DRAW, REPLAY = op_name(draw), op_name(replay)
 
 
 def test_dropout_keeps_only_its_generator_state():

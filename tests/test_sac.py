@@ -10,7 +10,8 @@ from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_conte
 
 import memplan
 from harness import float_leaves, run_step
-from memplan.sac import saved_ops, unsaveable_ops
+from memplan.passes.dropout import replay
+from memplan.sac import op_name, saved_ops, unsaveable_ops
 from zoo import build
 
 
@@ -59,7 +60,7 @@ def test_gpt2_policy_saves_what_the_plan_saves_and_steps_exactly():
     # CPU dropout draws its mask in place (bernoulli_), and eager has no op for the graph's
     # mask-times-input output: both are recomputed, with the RNG replayed.
     drawn_in_place = {n for n in expected if result.graph[n].op in (
-        "memplan.passes.dropout.replay", "aten.native_dropout_backward.default")}
+        op_name(replay), "aten.native_dropout_backward.default")}
     assert drawn_in_place
     assert set(checkpointed.policies[0].kept) == expected - drawn_in_place
     for a, b in zip(checkpointed.model.buffers(), eager.buffers()):
