@@ -66,7 +66,6 @@ def test_finds_the_brute_force_optimum_over_keep_sets(depth):
         assert schedule.recompute_s == pytest.approx(optimum, rel=1e-12, abs=1e-15), budget
 
 
-
 class TanhGeluMLP(nn.Module):
     """GPT-2's GELU, written out: a chain of eight pointwise ops between two matmuls."""
 
@@ -97,6 +96,7 @@ def test_pointwise_chains_are_one_unit():
         schedule = cpsat.solve(graph, budget, config=config)
         assert schedule.feasible and schedule.peak_bytes <= budget
         assert schedule.recompute_s <= optimum * (1 + 1e-12) + 1e-15, budget
+
 
 @settings(max_examples=12, deadline=None)
 @given(fraction=st.floats(min_value=0.3, max_value=1.1))
