@@ -30,7 +30,8 @@ from memplan.cost_models.workspace import measure_workspaces
 from memplan.errors import CaptureError
 from memplan.executor import boxed
 from memplan.inductor import compile_with_inductor
-from memplan.passes.buffer_updates import free_backward_of_running_stats, update_buffers_in_place
+from memplan.passes.buffer_updates import (free_backward_of_running_stats,
+                                           recompute_without_running_stats, update_buffers_in_place)
 from memplan.passes.dropout import (draw, recompute_dropout_from_mask, replay_dropout_masks,
                                     reuse_draws_in_forward)
 from memplan.passes.partition import split
@@ -386,12 +387,16 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, planner: Planner,
         reuse_draws_in_forward(graph_module)
         return compile_one(graph_module, inputs)
 
+    def compile_backward(graph_module: fx.GraphModule, inputs: Any) -> Callable[..., Any]:
+        recompute_without_running_stats(graph_module)
+        return compile_one(graph_module, inputs)
+
     with _recursion_limit(_DEEP_MODEL_RECURSION):
         if compile:
             run = compile_with_inductor(gm, fake_inputs, partition)
         else:
             run = aot_module_simplified(gm, fake_inputs, fw_compiler=compile_forward,
-                                        bw_compiler=compile_one, inference_compiler=compile_one,
+                                        bw_compiler=compile_backward, inference_compiler=compile_one,
                                         partition_fn=partition)
     if "graph" not in result:
         raise CaptureError(

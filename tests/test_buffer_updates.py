@@ -1,7 +1,7 @@
 """BatchNorm buffers are updated in place where nothing else reads them, and exactly as eager."""
 
 import torch
-from harness import assert_matches_eager, eager_twin
+from harness import assert_matches_eager, eager_twin, run_step
 from zoo import build
 
 import memplan
@@ -41,3 +41,20 @@ def test_a_shared_batch_norm_and_a_read_buffer_stay_functional():
     assert batch_norms(forward_graph(plan)) == {aten._native_batch_norm_legit.default: 0,
                                                 aten._native_batch_norm_legit_functional.default: 3}
     assert_matches_eager(plan, case, eager)
+
+
+def test_a_batch_norm_recomputed_in_backward_leaves_the_running_statistics_alone():
+    case = build("densenet40")
+    eager = eager_twin(case)
+    least = memplan.optimize(case.model, "100%", example_inputs=case.args).minimum_budget_bytes
+    plan = memplan.optimize(case.model, least, example_inputs=case.args)
+    assert_matches_eager(plan, case, eager)  # compiles the backward graph
+    step, _ = next(iter(plan.module._steps.values()))
+    backward = step.fx_compiled[1].graph
+    assert backward.find_nodes(op="call_function", target=aten._native_batch_norm_legit.no_stats)
+    assert not backward.find_nodes(op="call_function",
+                                   target=aten._native_batch_norm_legit_functional.default)
+    planned_out, planned_grads, _ = run_step(plan.module, case, seed=3)
+    eager_out, eager_grads, _ = run_step(eager, case, seed=3)
+    assert torch.equal(planned_out, eager_out)
+    assert all(torch.equal(planned_grads[name], eager_grads[name]) for name in eager_grads)

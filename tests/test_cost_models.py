@@ -98,3 +98,18 @@ def test_real_arguments_keep_shape_strides_and_broadcasts():
     assert real.shape == fake.shape and real.stride() == fake.stride()
     assert torch.equal(real[0], real[4])  # one row, broadcast
     assert real_argument(torch.empty(0, 4), torch.device("cpu")).shape == (0, 4)
+
+
+def test_workspaces_are_measured_for_deterministic_ops_but_not_views_or_random_ones():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from memplan.cost_models.workspace import _measured
+    aten = torch.ops.aten
+
+    def step(x):
+        grad = aten._softmax_backward_data(x, x, -1, torch.float32)
+        return grad.view(-1), aten.native_dropout(x, 0.5, True), x.sum()
+
+    graph = make_fx(step, tracing_mode="fake")(torch.randn(4, 4)).graph
+    measured = [n.target for n in graph.nodes if n.op == "call_function" and _measured(n)]
+    assert measured == [aten._softmax_backward_data.default, aten.sum.default]

@@ -4,8 +4,9 @@ For one model, naive eager against memplan with ``method="none"`` (every value k
 step time, the summed time and count of the device kernels in one profiled step, and the kernel
 names whose total time or count differ most. Where the kernel time is equal and the step is
 slower, the difference is host time (Python, launches) not hidden behind the device's work.
+Two other configurations may be compared the same way: ``eager``, ``none`` or a budget.
 
-    python bench/diag/executor_overhead.py densenet100|resnet1001|resnet164
+    python bench/diag/executor_overhead.py densenet100|resnet1001|resnet164 [eager none | 75% 30%]
 """
 
 import collections
@@ -55,35 +56,48 @@ def summary(label: str, module, x) -> dict[str, list[float]]:
     return by_name, host
 
 
-def table(header: str, eager: dict, planned: dict, measure, rows: int) -> None:
-    """The keys whose measure differs most between eager and memplan."""
+def table(header: str, names: tuple[str, str], first: dict, second: dict, measure,
+          rows: int) -> None:
+    """The keys whose measure differs most between the two configurations."""
     diffs = []
-    for key in eager.keys() | planned.keys():
-        a, b = measure(eager.get(key, [])), measure(planned.get(key, []))
+    for key in first.keys() | second.keys():
+        a, b = measure(first.get(key, [])), measure(second.get(key, []))
         diffs.append((b[0] - a[0], b[1] - a[1], *a, *b, key))
     diffs.sort(key=lambda r: -abs(r[0]))
-    print(f"| Δ µs | Δ count | eager µs | eager count | memplan µs | memplan count | {header} |")
+    a, b = names
+    print(f"| Δ µs | Δ count | {a} µs | {a} count | {b} µs | {b} count | {header} |")
     print("|---|---|---|---|---|---|---|")
     for row in diffs[:rows]:
         print("| {:+.0f} | {:+d} | {:.0f} | {} | {:.0f} | {} | `{}` |".format(*row))
 
 
-def main(name: str) -> None:
+def module_for(config: str, model, x):
+    """Naive eager, memplan recomputing nothing, or memplan at a budget."""
+    if config == "eager":
+        return model
+    if config == "none":
+        return memplan.optimize(model, "100GB", example_inputs=(x,), method="none").module
+    plan = memplan.optimize(model, config, example_inputs=(x,))
+    print(f"{config}: {plan.method}, predicted peak {plan.predicted_peak_bytes / 2**30:.3f} GiB")
+    return plan.module
+
+
+def main(name: str, configs: tuple[str, str]) -> None:
     torch.manual_seed(0)
     model = MODELS[name]().cuda()
     x = torch.randn(64, 3, 32, 32, device="cuda")
-    eager_kernels, eager_host = summary(f"{name} naive eager", model, x)
-    plan = memplan.optimize(model, "100GB", example_inputs=(x,), method="none")  # no limit
-    planned_kernels, planned_host = summary(f"{name} memplan none", plan.module, x)
-    table("kernel", eager_kernels, planned_kernels, lambda d: (sum(d), len(d)), 15)
-    table("host op (self time)", eager_host, planned_host, lambda t: (t or 0.0, 0), 25)
+    modules = [module_for(config, model, x) for config in configs]
+    (first_kernels, first_host), (second_kernels, second_host) = (
+        summary(f"{name} {config}", module, x) for config, module in zip(configs, modules))
+    table("kernel", configs, first_kernels, second_kernels, lambda d: (sum(d), len(d)), 15)
+    table("host op (self time)", configs, first_host, second_host, lambda t: (t or 0.0, 0), 25)
     profiler = cProfile.Profile()
     profiler.enable()
-    core.step(plan.module, x)
+    core.step(modules[1], x)
     torch.cuda.synchronize()
     profiler.disable()
     pstats.Stats(profiler).sort_stats("tottime").print_stats(20)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], tuple(sys.argv[2:4]) or ("eager", "none"))

@@ -1,11 +1,11 @@
 """Measured against predicted memory after every node of one planned step on the GPU.
 
 Runs the planned forward and backward graphs through an fx Interpreter that reads
-``torch.cuda.memory_allocated()`` after each node (values are freed after their last use, as in
-the generated code), and prints the nodes where the measurement first exceeds the simulator's
-timeline, with the largest excess.
+``torch.cuda.memory_allocated()`` after each node and the peak within it (values are freed after
+their last use, as in the generated code), and prints the nodes where the measurement first
+exceeds the simulator's timeline, with the largest excess. BUDGET may be ``minimum``.
 
-    python bench/diag/stepwise.py [BUDGET] [densenet100|resnet56] [METHOD]
+    python bench/diag/stepwise.py [BUDGET] [densenet100|resnet56|gpt2m] [METHOD]
 """
 
 import sys
@@ -14,13 +14,18 @@ from pathlib import Path
 import torch
 import torch.fx as fx
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
+import core  # noqa: E402
 import densenet  # noqa: E402
 import resnet1001  # noqa: E402
 
 import memplan  # noqa: E402
 
 MiB = 2**20
+MODELS = {"densenet100": (lambda: densenet.model(100, 12), lambda: torch.randn(64, 3, 32, 32)),
+          "resnet56": (lambda: resnet1001.model(56), lambda: torch.randn(64, 3, 32, 32)),
+          "gpt2m": (core.gpt2_medium, lambda: torch.randint(0, 50257, (8, 1024)))}
 
 
 class Recorder(fx.Interpreter):
@@ -38,17 +43,22 @@ class Recorder(fx.Interpreter):
         return self.inputs.pop()
 
     def run_node(self, node: fx.Node):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
         result = super().run_node(node)
         if node.op == "call_function":
             torch.cuda.synchronize()
-            self.log.append((f"{self.phase}:{node.name}", torch.cuda.memory_allocated()))
+            self.log.append((f"{self.phase}:{node.name}", torch.cuda.memory_allocated(),
+                             torch.cuda.max_memory_allocated()))
         return result
 
 
 def main(budget: str, model_name: str, method: str) -> None:
     torch.manual_seed(0)
-    model = (densenet.model(100, 12) if model_name == "densenet100" else resnet1001.model(56)).cuda()
-    x = torch.randn(64, 3, 32, 32, device="cuda")
+    build, inputs = MODELS[model_name]
+    model, x = build().cuda(), inputs().cuda()
+    if budget == "minimum":
+        budget = core.least_budget(model, x)
     plan = memplan.optimize(model, budget, example_inputs=(x,), method=method)
     for _ in range(2):
         plan.module(x).sum().backward()
@@ -60,15 +70,22 @@ def main(budget: str, model_name: str, method: str) -> None:
         gm.forward = (lambda g, ph: lambda args: Recorder(g, ph, log, args).run())(gm, phase)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    plan.module(x).sum().backward()
+    out = plan.module(x)
+    out.sum().backward()
+    del out
     torch.cuda.synchronize()
     timeline = plan._result().chosen.timeline
     predicted = dict(zip(timeline.steps, timeline.live_bytes))
     print(f"{model_name} {budget} {plan.method}: measured peak "
-          f"{torch.cuda.max_memory_allocated() / MiB:.1f} MiB, predicted "
+          f"{max(r[2] for r in log) / MiB:.1f} MiB, predicted "
           f"{plan.predicted_peak_bytes / MiB:.1f} MiB at {timeline.peak_node}; "
           f"{len(log)} nodes recorded, {len(predicted)} predicted")
-    rows = [(label, measured, predicted[label]) for label, measured in log if label in predicted]
+    rows = [(label, measured, predicted[label]) for label, measured, _ in log if label in predicted]
+    i = max(range(len(log)), key=lambda k: log[k][2])
+    print("around the highest peak within a node (allocated after it, peak within it, predicted):")
+    for label, after, within in log[max(0, i - 8): i + 3]:
+        print(f"   {label:<55} {after / MiB:8.1f}  {within / MiB:8.1f}  "
+              f"{predicted.get(label, float('nan')) / MiB:8.1f}")
     worst = max(rows, key=lambda r: r[1] - r[2])
     print(f"largest excess {(worst[1] - worst[2]) / MiB:+.1f} MiB at {worst[0]}")
     excess = [measured - pred for _, measured, pred in rows]

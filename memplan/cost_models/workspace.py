@@ -1,9 +1,11 @@
 """Scratch memory an op takes on the GPU beyond its outputs, measured once per distinct call.
 
-cuDNN convolutions allocate workspaces through the caching allocator for the duration of the
-call: they count in ``max_memory_allocated`` and can set the step's peak. Each distinct
-convolution (op, shapes, strides, dtypes, arguments) runs once on the real device with random
-inputs, and its workspace is the peak it reached beyond its inputs and outputs.
+CUDA kernels allocate scratch through the caching allocator for the duration of the call: cuDNN
+convolutions their workspaces, ``_softmax_backward_data`` a temporary as large as its gradient
+(``grad * output``). It counts in ``max_memory_allocated`` and can set the step's peak. Each
+distinct call (op, shapes, strides, dtypes, arguments) runs once on the real device with random
+inputs, and its workspace is the peak it reached beyond its inputs and new outputs. Random ops
+are left out (running one would advance the generator eager draws from), and so are views.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import torch.utils._pytree as pytree
 
 from memplan.graph import CUDA_ALLOCATOR_ROUNDING, allocated_bytes
 
-_MEASURED_OPS = (torch.ops.aten.convolution.default, torch.ops.aten.convolution_backward.default)
 
 
 def real_argument(value: Any, device: torch.device) -> Any:
@@ -40,14 +41,28 @@ def call_key(node: fx.Node) -> str:
     return repr((node.target, pytree.tree_map(describe, (node.args, node.kwargs))))
 
 
+def _measured(node: fx.Node) -> bool:
+    """A deterministic, non-view ATen op that returns tensors."""
+    op = node.target
+    return (isinstance(op, torch._ops.OpOverload) and not op.is_view
+            and torch.Tag.nondeterministic_seeded not in op.tags
+            and any(isinstance(v, torch.Tensor) for v in pytree.tree_leaves(node.meta.get("val"))))
+
+
+def _storages(value: Any) -> dict[int, int]:
+    """Data pointer -> bytes of the storages of the tensors in ``value``."""
+    return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+            for t in pytree.tree_leaves(value) if isinstance(t, torch.Tensor)}
+
+
 def measure_workspaces(joint: fx.GraphModule, device: torch.device) -> dict[str, int]:
-    """Workspace bytes per node name, for the convolutions of the joint graph on ``device``."""
+    """Workspace bytes per node name, for the ops of the joint graph on ``device``."""
     if device.type != "cuda":
         return {}
     by_key: dict[str, int] = {}
     result: dict[str, int] = {}
     for node in joint.graph.nodes:
-        if node.target not in _MEASURED_OPS:
+        if node.op != "call_function" or not _measured(node):
             continue
         key = call_key(node)
         if key not in by_key:
@@ -58,8 +73,9 @@ def measure_workspaces(joint: fx.GraphModule, device: torch.device) -> dict[str,
             torch.cuda.reset_peak_memory_stats(device)
             out = node.target(*args, **kwargs)
             torch.cuda.synchronize(device)
-            outputs = sum(allocated_bytes(t.untyped_storage().nbytes(), CUDA_ALLOCATOR_ROUNDING)
-                          for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
+            inputs = _storages((args, kwargs))
+            outputs = sum(allocated_bytes(nbytes, CUDA_ALLOCATOR_ROUNDING)
+                          for ptr, nbytes in _storages(out).items() if ptr not in inputs)
             by_key[key] = max(0, torch.cuda.max_memory_allocated(device) - before - outputs)
             del args, kwargs, out
         result[node.name] = by_key[key]

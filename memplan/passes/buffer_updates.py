@@ -7,6 +7,9 @@ and three Python calls per BatchNorm per step that eager does not make, and on a
 of many small layers is bound by such calls. Where a buffer is read by nothing but its own update, this pass makes
 the update in place and hands the runtime the buffer itself, whose copy onto itself is a no-op.
 The values are bitwise the same: the functional BatchNorm is the in-place one run on clones.
+
+A BatchNorm recomputed in the backward graph needs its output and batch statistics only; there
+it runs without running statistics (``no_stats``), so it neither clones nor updates them.
 """
 
 from __future__ import annotations
@@ -60,6 +63,17 @@ def update_buffers_in_place(forward: fx.GraphModule, mutated_inputs: list[str]) 
         if update.target is operator.getitem:
             forward.graph.erase_node(update)
     forward.recompile()
+
+
+def recompute_without_running_stats(backward: fx.GraphModule) -> None:
+    """Rewrite the training BatchNorms of the backward graph, whose new running statistics
+    nothing reads, to compute batch statistics only."""
+    for node in backward.graph.find_nodes(op="call_function", target=_FUNCTIONAL_BATCH_NORM):
+        if node.args[5] and _getitem(node, 3) is None and _getitem(node, 4) is None:
+            source, weight, bias, _mean, _var, training, momentum, eps = node.args
+            node.target = aten._native_batch_norm_legit.no_stats
+            node.args = (source, weight, bias, training, momentum, eps)
+    backward.recompile()
 
 
 def _getitem(node: fx.Node, index: int) -> fx.Node | None:
