@@ -196,7 +196,7 @@ def optimize(model: torch.nn.Module, budget: Any, *, example_inputs: tuple | Non
         holder: dict[str, PlanResult] = {}
 
         def planner(graph: JointGraph, joint: torch.fx.GraphModule) -> Program:
-            times = node_times(cost_model, graph, joint, device)
+            times = node_times(cost_model, graph, joint, device, eager=not compile)
             holder["result"] = plan_step(graph, budget, method, device, node_time_s=times,
                                          time_limit_s=time_limit_s)
             return holder["result"].chosen.program

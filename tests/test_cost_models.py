@@ -1,5 +1,6 @@
-"""Cost models: the analytic FLOPs are torch's, the profile cache round-trips and leaves the RNG
-alone, and an unknown cost model is refused with the list of known ones."""
+"""Cost models: the analytic FLOPs are torch's, a small op costs its host dispatch in the eager
+executor, the profile cache round-trips and leaves the RNG alone, and an unknown cost model is
+refused with the list of known ones."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.utils.flop_counter import FlopCounterMode
 
 import memplan
-from memplan.cost_models import profile
+from memplan.cost_models import for_device, profile
 from zoo import build
 
 
@@ -44,6 +45,18 @@ def test_analytic_flops_equal_torch_flop_counter():
     assert set(planned) == set(counted) and {"aten.convolution", "aten.bmm"} <= set(planned)
     for op, flops in counted.items():
         assert planned[op] == flops, op
+
+
+def test_a_small_op_costs_its_host_dispatch_in_the_eager_executor_only():
+    torch.manual_seed(0)
+    model, args = Attention(), (torch.randn(2, 16, 32), torch.randn(2, 4, 8, 8))
+    graph = memplan.optimize(model, "100%", example_inputs=args, method="none")._result().graph
+    relu = next(n for n in graph.nodes if n.op.startswith("aten.relu."))
+    eager, compiled = for_device("cuda", "NVIDIA H200"), for_device("cuda", "NVIDIA H200", eager=False)
+    roofline = compiled.node_time_s(relu)
+    assert roofline < eager.rates.dispatch_s  # a few hundred floats: the host is the bound
+    assert eager.node_time_s(relu) == eager.rates.dispatch_s
+    assert for_device("cpu").node_time_s(relu) < eager.rates.dispatch_s
 
 
 @pytest.fixture

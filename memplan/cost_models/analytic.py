@@ -9,7 +9,7 @@ copies and matrix products timed on those machines.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from memplan.graph import JointGraph, Node
 
@@ -22,9 +22,12 @@ class DeviceRates:
     dispatch_s: float = 0.0
 
 
+# dispatch_s: the eager executor's host time per op on the lent H200's host, fitted to the least
+# of interleaved step times of DenseNet-BC-100, ResNet-164 and GPT-2 medium plans
+# (bench/results/time_model_h200.md).
 DEVICES = {
-    "h100": DeviceRates(fp32_flops_per_s=50e12, bytes_per_s=3.0e12, launch_s=5e-6),
-    "h200": DeviceRates(fp32_flops_per_s=50e12, bytes_per_s=4.3e12, launch_s=5e-6),
+    "h100": DeviceRates(fp32_flops_per_s=50e12, bytes_per_s=3.0e12, launch_s=5e-6, dispatch_s=40e-6),
+    "h200": DeviceRates(fp32_flops_per_s=50e12, bytes_per_s=4.3e12, launch_s=5e-6, dispatch_s=40e-6),
     "cpu": DeviceRates(fp32_flops_per_s=100e9, bytes_per_s=20e9, launch_s=2e-6),
 }
 
@@ -48,10 +51,11 @@ class AnalyticCostModel:
         return {node.name: self.node_time_s(node) for node in graph.nodes}
 
 
-def for_device(device_type: str, device_name: str = "") -> AnalyticCostModel:
-    """The table row for a device: by name for known GPUs, else a generic GPU or the CPU."""
+def for_device(device_type: str, device_name: str = "", *, eager: bool = True) -> AnalyticCostModel:
+    """The table row for a device: by name for known GPUs, else a generic GPU or the CPU.
+    Compiled graphs (``eager=False``) fuse small ops into few kernels and have no per-op
+    dispatch."""
     name = device_name.lower()
-    for key in ("h200", "h100"):
-        if key in name:
-            return AnalyticCostModel(DEVICES[key])
-    return AnalyticCostModel(DEVICES["h100" if device_type == "cuda" else "cpu"])
+    key = next((k for k in ("h200", "h100") if k in name), "h100" if device_type == "cuda" else "cpu")
+    rates = DEVICES[key] if eager else replace(DEVICES[key], dispatch_s=0.0)
+    return AnalyticCostModel(rates)
