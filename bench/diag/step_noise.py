@@ -25,14 +25,6 @@ import densenet  # noqa: E402
 import memplan  # noqa: E402
 
 
-def timed_ms(module, x) -> float:
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    core.step(module, x)
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) * 1e3
-
-
 def main() -> None:
     torch.manual_seed(0)
     model = densenet.model(100, 12).cuda()
@@ -58,7 +50,7 @@ def main() -> None:
     for _ in range(10):
         for name, module in modules.items():
             current[:] = [name]
-            times[name].append(timed_ms(module, x))
+            times[name].append(core.timed_step_ms(module, x))
     current.clear()
     gc.callbacks.remove(on_collection)
     print("garbage collection ms over the 10 rounds, by generation:", gc_ms)
@@ -69,7 +61,7 @@ def main() -> None:
     gc.collect()
     gc.disable()
     for name, module in modules.items():
-        values = [timed_ms(module, x) for _ in range(10)]
+        values = [core.timed_step_ms(module, x) for _ in range(10)]
         print(f"{name}, garbage collector off: median {statistics.median(values):.1f} ms, "
               f"min {min(values):.1f}, max {max(values):.1f}")
     gc.enable()

@@ -11,7 +11,6 @@ max(host cost, launch + roofline) for several host costs.
 
 import dataclasses
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -29,14 +28,6 @@ MODELS = {"densenet100": (lambda: densenet.model(100, 12), lambda: torch.randn(6
           "resnet164": (lambda: resnet1001.model(164), lambda: torch.randn(64, 3, 32, 32)),
           "gpt2m": (core.gpt2_medium, lambda: torch.randint(0, 50257, (8, 1024)))}
 HOST_US = (0, 10, 20, 30, 40)
-
-
-def timed_ms(module, x) -> float:
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    core.step(module, x)
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) * 1e3
 
 
 def predicted_ms(plan, host_us: float) -> float:
@@ -63,7 +54,7 @@ def main(name: str, rounds: int) -> None:
     times = {label: [] for label in modules}
     for _ in range(rounds):
         for label, module in modules.items():
-            times[label].append(timed_ms(module, x))
+            times[label].append(core.timed_step_ms(module, x))
     print(f"{name}, {torch.cuda.get_device_name()}, {rounds} interleaved rounds; "
           f"predicted ms at host cost (µs) {HOST_US}")
     print("| configuration | method | least ms | median ms | "
