@@ -95,3 +95,16 @@ def test_cpsat_is_deterministic():
     budget = int(no_recompute_peak(g) * 0.6)
     a, b = (solve(g, budget, method="cpsat", seed=3, workers=2) for _ in range(2))
     assert a.events == b.events and a.total_cost == b.total_cost
+
+
+def test_belady_keeps_the_cheapest_distance_power():
+    """On this graph the next use's distance weighs too much at power 1: 236 against 192 at 0.25."""
+    from memplan.remat.solver_evict import BELADY_DISTANCE_POWERS, plan_computes
+
+    g = random_dag(30, seed=106, edge_prob=0.15, max_bytes=8, max_time=9)
+    budget = int(no_recompute_peak(g) * 0.7)
+    costs = {p: sum(g.time[v] for v in plan_computes(g, budget, "belady", p)) for p in BELADY_DISTANCE_POWERS}
+    plan = solve(g, budget, method="greedy-belady")
+    replay_check(g, plan, budget)
+    assert plan.total_cost == min(costs.values()) == 192 < costs[1.0] == 236
+    assert plan.detail == "distance power 0.25"
