@@ -19,7 +19,6 @@ import torch.utils._pytree as pytree
 from memplan.graph import CUDA_ALLOCATOR_ROUNDING, allocated_bytes
 
 
-
 def real_argument(value: Any, device: torch.device) -> Any:
     """A real tensor like the fake one, strides included: a non-contiguous argument makes
     cuDNN copy it, and that copy is part of the op's scratch memory. Expanded (stride 0)
