@@ -1,7 +1,7 @@
 """Predicted against measured step time, for the analytic model with a per-op host cost.
 
 On the lent GPU's host, eager steps of many small ops are bound by the host's dispatch of each
-op, and step times vary between steps by up to 2× (``step_noise_h200.md``). So each plan is timed
+op, and step times vary between steps by up to 2.7× (``step_noise_h200.md``). So each plan is timed
 in interleaved rounds, and the least time of the rounds is compared: it is the step's own cost,
 the others add the host's noise. Predicted times are the plan's ops priced at
 max(host cost, launch + roofline) for several host costs.
