@@ -1,30 +1,41 @@
-"""Compile the planned graphs with inductor.
+"""Compile the planned graphs with inductor, in segments that keep the planned lifetimes.
 
 aot_autograd traces with inductor's decompositions and calls memplan's partition function; the
-forward and backward graphs it returns go to inductor's graph compiler. Inductor fuses and
-reorders within each graph, so the measured peak is not the eager prediction: lower where it
-fuses temporaries away, higher where it moves the planned recomputations
-(bench/results/compiled_peak_h200.md).
+forward and backward graphs it returns go to inductor's graph compiler. Given a whole graph,
+inductor computes a pointwise value inside the kernel of a later consumer and keeps what that
+value reads alive until then: on DenseNet-BC-100 the backward of the least-budget plan peaked
+411 MiB above the planned order (bench/results/compiled_peak_h200.md). So each graph is cut
+into consecutive segments of ``OPS_PER_SEGMENT`` ops, compiled one by one: inductor fuses within
+a segment, and every value that crosses a boundary is materialised there and freed after the
+last segment that reads it, as the plan has it.
+
 Dropout uses PyTorch's own generator (``fallback_random``), so masks equal eager's. Loop
 reordering after fusion is off: on torch 2.11 it asserts in the scheduler on planned DenseNet
 backward graphs (``reorder_loops_by_dep_pair``).
 
-Inductor may give a saved value another layout than eager's (channels-last after convolutions);
-aot_autograd compiles the backward for the strides the compiled forward reports, but only
-through a ``TracingContext``. Dynamo provides one to ``memplan.backend``; ``optimize`` has none,
-so one is made here.
+Inductor may give a value another layout than eager's (channels-last after convolutions);
+each segment is compiled for the strides the earlier ones report, and aot_autograd compiles the
+backward for the strides the forward reports, through a ``TracingContext``. Dynamo provides one
+to ``memplan.backend``; ``optimize`` has none, so one is made here.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Sequence
+import operator
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.fx as fx
 from torch._functorch.aot_autograd import aot_module_simplified
 from torch._guards import TracingContext, detect_fake_mode, tracing
 from torch._subclasses.fake_tensor import FakeTensorMode
+
+# Measured on DenseNet-BC-100 at its least budget (H200): 50 ops per segment kept the compiled
+# peak within 1.2% of the prediction, 150 went 4.6% over it, one segment 124% over it
+# (bench/results/compiled_segments_h200.md).
+OPS_PER_SEGMENT = 50
 
 
 def compile_with_inductor(gm: fx.GraphModule, example_inputs: Sequence[Any],
@@ -35,12 +46,11 @@ def compile_with_inductor(gm: fx.GraphModule, example_inputs: Sequence[Any],
     options = {"fallback_random": True, "loop_ordering_after_fusion": False}
 
     def forward(graph: fx.GraphModule, inputs: Sequence[Any]) -> Callable[..., Any]:
-        with torch._inductor.config.patch(options):
-            return compile_fx_inner(graph, inputs)
+        return compile_in_segments(graph, inputs, compile_fx_inner)
 
     def backward(graph: fx.GraphModule, inputs: Sequence[Any]) -> Callable[..., Any]:
-        with torch._inductor.config.patch(options):
-            return compile_fx_inner(graph, inputs, is_backward=True)
+        return compile_in_segments(graph, inputs,
+                                   lambda g, i: compile_fx_inner(g, i, is_backward=True))
 
     context = contextlib.nullcontext()
     if TracingContext.try_get() is None:
@@ -50,3 +60,112 @@ def compile_with_inductor(gm: fx.GraphModule, example_inputs: Sequence[Any],
         return aot_module_simplified(gm, list(example_inputs), fw_compiler=forward,
                                      bw_compiler=backward, partition_fn=partition,
                                      decompositions=select_decomp_table())
+
+
+@dataclass
+class _Segment:
+    run: Callable[[list], Any]  # boxed: empties its argument list
+    inputs: list[fx.Node]
+    last_reads: list[bool]  # per input: no later segment reads it
+    outputs: list[fx.Node]
+
+
+def compile_in_segments(graph: fx.GraphModule, example_inputs: Sequence[Any],
+                        compile_graph: Callable[..., Any],
+                        ops_per_segment: int = OPS_PER_SEGMENT) -> Callable[[list], Any]:
+    """Compile ``graph`` as consecutive segments and return one boxed callable that runs them.
+
+    A multi-output op stays in one segment with its ``getitem`` users, so that segments pass
+    tensors only. The strides each compiled segment reports for its outputs are the example
+    inputs of the next, and are reported in turn for the graph's outputs.
+    """
+    placeholders = list(graph.graph.find_nodes(op="placeholder"))
+    returned = graph.graph.output_node().args[0]
+    segment_of: dict[fx.Node, int] = {}
+    counted = 0
+    for node in graph.graph.nodes:
+        if node.op == "call_function" and node.target is operator.getitem:
+            segment_of[node] = segment_of[node.args[0]]
+        elif node.op == "call_function":
+            segment_of[node] = counted // ops_per_segment
+            counted += 1
+        elif node.op not in ("placeholder", "output"):
+            raise NotImplementedError(f"memplan cannot compile a graph with a {node.op} node "
+                                      f"({node.name}) in segments")
+    count = counted and (counted - 1) // ops_per_segment + 1
+    last_read: dict[fx.Node, int] = {}
+    for node, segment in segment_of.items():
+        for value in node.all_input_nodes:
+            last_read[value] = segment
+    for value in graph.graph.output_node().all_input_nodes:
+        last_read[value] = count
+
+    example = dict(zip(placeholders, example_inputs))
+    stride = {node: _stride(value) for node, value in example.items()}
+    segments = []
+    for k in range(count):
+        members = [node for node, segment in segment_of.items() if segment == k]
+        sub, env, inputs = fx.Graph(), {}, []
+        for node in members:
+            for value in node.all_input_nodes:
+                if value not in env:
+                    env[value] = sub.placeholder(value.name)
+                    env[value].meta = dict(value.meta)
+                    inputs.append(value)
+            env[node] = sub.node_copy(node, env.__getitem__)
+        outputs = [node for node in members if last_read.get(node, -1) > k]
+        sub.output(tuple(env[node] for node in outputs))
+        examples = [example.get(value, _restrided(value.meta.get("val"), stride[value]))
+                    for value in inputs]
+        with TracingContext.report_output_strides() as strides, _no_donated_buffers():
+            run = compile_graph(fx.GraphModule(graph, sub), examples)
+        stride.update(zip(outputs, strides or [None] * len(outputs)))
+        segments.append(_Segment(run, inputs, [last_read[v] == k for v in inputs], outputs))
+    context = TracingContext.try_get()
+    if context is not None and context.output_strides is not None:
+        context.output_strides.extend(stride.get(v) if isinstance(v, fx.Node) else None
+                                      for v in returned)
+
+    def run_segments(args: list) -> list:
+        values = {node: arg for node, arg in zip(placeholders, args) if node in last_read}
+        args.clear()  # the segments free what they read last
+        for segment in segments:
+            inputs = [values.pop(v) if last else values[v]
+                      for v, last in zip(segment.inputs, segment.last_reads)]
+            values.update(zip(segment.outputs, segment.run(inputs)))
+        return [values[v] if isinstance(v, fx.Node) else v for v in returned]
+
+    run_segments._boxed_call = True
+    return run_segments
+
+
+@contextlib.contextmanager
+def _no_donated_buffers() -> Iterator[None]:
+    """Compile a segment with no input inductor may overwrite.
+
+    aot_autograd lets the backward overwrite the saved values it reads last ("donated
+    buffers"), by their index among the whole backward's inputs, which inductor reads from the
+    tracing context. A segment's inputs are numbered otherwise, and may be read again by later
+    segments; and inductor's graph cache does not key on those indices, so a segment compiled
+    with some could be reused where they are wrong. Without them a segment frees what it reads
+    last and allocates anew, as the planned order assumes.
+    """
+    metadata = getattr(TracingContext.try_get(), "fw_metadata", None)
+    if metadata is None:
+        yield
+        return
+    whole_graph, metadata.bw_donated_idxs = metadata.bw_donated_idxs, []
+    try:
+        yield
+    finally:
+        metadata.bw_donated_idxs = whole_graph
+
+
+def _stride(value: Any) -> tuple[int, ...] | None:
+    return tuple(value.stride()) if isinstance(value, torch.Tensor) else None
+
+
+def _restrided(value: Any, stride: tuple[int, ...] | None) -> Any:
+    if not isinstance(value, torch.Tensor) or stride is None or tuple(value.stride()) == stride:
+        return value
+    return value.as_strided(value.size(), stride)
