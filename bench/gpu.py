@@ -178,7 +178,7 @@ def memplan_rows(model, x, compile: bool, budgets: list[str]) -> list[dict]:
     return rows
 
 
-def run(name: str, compile: bool, eager: bool, anchors: bool, budgets: list[str]) -> None:
+def run(name: str, compile: bool, eager: bool, anchors: list[float], budgets: list[str]) -> None:
     """The configurations of one model; the rows land in ROWS."""
     _title, build, checkpointed, inputs = MODELS[name]
     torch.manual_seed(0)
@@ -186,8 +186,8 @@ def run(name: str, compile: bool, eager: bool, anchors: bool, budgets: list[str]
     measured("naive eager", model, x, kind="naive eager")
     measured("built-in checkpointing", checkpointed(copy.deepcopy(model)), x,
              kind="built-in checkpointing")
-    if compile and anchors:
-        for budget in COMPILE_BUDGETS:
+    if compile:
+        for budget in anchors:
             try:
                 torch_compile_row(model, x, budget)
             except Exception as error:  # an inductor failure is this baseline's result: reported
@@ -224,7 +224,9 @@ def main() -> None:
                         help="add torch.compile's rows and memplan compiled")
     parser.add_argument("--no-eager", action="store_true", help="leave out memplan eager")
     parser.add_argument("--no-anchors", action="store_true", help="leave out torch.compile's rows")
-    parser.add_argument("--budgets", nargs="+", default=[*BUDGETS, "minimum"])
+    parser.add_argument("--anchor-budgets", nargs="+", type=float, default=list(COMPILE_BUDGETS),
+                        help="torch.compile's activation_memory_budget values")
+    parser.add_argument("--budgets", nargs="*", default=[*BUDGETS, "minimum"])
     parser.add_argument("--tag", help="suffix of the output files")
     parser.add_argument("--out-dir", type=Path)
     args = parser.parse_args()
@@ -243,8 +245,8 @@ def main() -> None:
 
     global WRITE
     WRITE = write if args.out_dir else None
-    run(args.model, args.compile, eager=not args.no_eager, anchors=not args.no_anchors,
-        budgets=args.budgets)
+    run(args.model, args.compile, eager=not args.no_eager,
+        anchors=[] if args.no_anchors else args.anchor_budgets, budgets=args.budgets)
     print(header + "\n" + table(ROWS))
 
 
