@@ -89,7 +89,7 @@ def compile_in_segments(graph: fx.GraphModule, example_inputs: Sequence[Any],
         elif node.op == "call_function":
             segment_of[node] = counted // ops_per_segment
             counted += 1
-        elif node.op not in ("placeholder", "output"):
+        elif node.op not in ("placeholder", "get_attr", "output"):
             raise NotImplementedError(f"memplan cannot compile a graph with a {node.op} node "
                                       f"({node.name}) in segments")
     count = counted and (counted - 1) // ops_per_segment + 1
@@ -99,6 +99,8 @@ def compile_in_segments(graph: fx.GraphModule, example_inputs: Sequence[Any],
             last_read[value] = segment
     for value in graph.graph.output_node().all_input_nodes:
         last_read[value] = count
+    constants = {node: operator.attrgetter(node.target)(graph)  # returned as they are
+                 for node in graph.graph.find_nodes(op="get_attr") if last_read.get(node) == count}
 
     example = dict(zip(placeholders, example_inputs))
     stride = {node: _stride(value) for node, value in example.items()}
@@ -108,7 +110,9 @@ def compile_in_segments(graph: fx.GraphModule, example_inputs: Sequence[Any],
         sub, env, inputs = fx.Graph(), {}, []
         for node in members:
             for value in node.all_input_nodes:
-                if value not in env:
+                if value not in env and value.op == "get_attr":  # a constant: each segment has it
+                    env[value] = sub.node_copy(value)
+                elif value not in env:
                     env[value] = sub.placeholder(value.name)
                     env[value].meta = dict(value.meta)
                     inputs.append(value)
@@ -128,6 +132,7 @@ def compile_in_segments(graph: fx.GraphModule, example_inputs: Sequence[Any],
 
     def run_segments(args: list) -> list:
         values = {node: arg for node, arg in zip(placeholders, args) if node in last_read}
+        values.update(constants)
         args.clear()  # the segments free what they read last
         for segment in segments:
             inputs = [values.pop(v) if last else values[v]

@@ -14,13 +14,16 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from memplan.inductor import compile_in_segments
 
 
+SCALE = torch.linspace(0.5, 1.5, 8)  # a constant: traced as a get_attr node
+
+
 def step(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     a = x.sin()  # read by the next op and the last
     b = a.cos().exp()
     variance, mean = torch.var_mean(b, 0)  # one op, two tensors: a segment must not split them
     c = (b - mean) * variance.rsqrt()
-    d = c.tanh().relu()
-    return d + a, mean
+    d = c.tanh().relu() * SCALE
+    return d + a, mean, SCALE
 
 
 def test_each_value_is_released_after_its_last_reading_segment():
