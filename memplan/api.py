@@ -173,8 +173,9 @@ def optimize(model: torch.nn.Module, budget: Any, *, example_inputs: tuple | Non
     ``cost_model`` prices recomputation: ``"analytic"`` (a roofline, no device time) or
     ``"profile"`` (each distinct op timed once on the device, cached on disk).
 
-    With ``compile=True`` the planned graphs are compiled by inductor instead of run eagerly; the
-    predicted peak is then the eager executor's, which inductor's memory does not follow yet.
+    With ``compile=True`` the planned graphs are compiled by inductor instead of run eagerly, in
+    segments that keep the planned order between them; the predicted peak is the eager
+    executor's, which inductor can exceed within a segment.
 
     >>> plan = optimize(model, budget="60%", example_inputs=(x,))   # doctest: +SKIP
     >>> loss_fn(plan.module(x), y).backward()                       # doctest: +SKIP
@@ -184,7 +185,9 @@ def optimize(model: torch.nn.Module, budget: Any, *, example_inputs: tuple | Non
     check_cost_model(cost_model)
     if compile:
         warnings.warn("memplan: with compile=True the predicted peak is the eager executor's; "
-                      "inductor's peak is not simulated yet and can exceed the budget",
+                      "inductor runs the plan in segments of planned order, but within a "
+                      "segment it may hold values longer (measured +5.9% over the prediction "
+                      "on GPT-2 medium, within 1.5% on DenseNet-BC-100)",
                       stacklevel=2)
     if not isinstance(budget, (int, float, str)):
         parse_budget(budget)  # raises the error that lists the accepted forms

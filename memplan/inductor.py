@@ -46,11 +46,12 @@ def compile_with_inductor(gm: fx.GraphModule, example_inputs: Sequence[Any],
     options = {"fallback_random": True, "loop_ordering_after_fusion": False}
 
     def forward(graph: fx.GraphModule, inputs: Sequence[Any]) -> Callable[..., Any]:
-        return compile_in_segments(graph, inputs, compile_fx_inner)
+        return compile_in_segments(graph, inputs, compile_fx_inner, OPS_PER_SEGMENT)
 
     def backward(graph: fx.GraphModule, inputs: Sequence[Any]) -> Callable[..., Any]:
         return compile_in_segments(graph, inputs,
-                                   lambda g, i: compile_fx_inner(g, i, is_backward=True))
+                                   lambda g, i: compile_fx_inner(g, i, is_backward=True),
+                                   OPS_PER_SEGMENT)
 
     context = contextlib.nullcontext()
     if TracingContext.try_get() is None:
@@ -72,7 +73,7 @@ class _Segment:
 
 def compile_in_segments(graph: fx.GraphModule, example_inputs: Sequence[Any],
                         compile_graph: Callable[..., Any],
-                        ops_per_segment: int = OPS_PER_SEGMENT) -> Callable[[list], Any]:
+                        ops_per_segment: int) -> Callable[[list], Any]:
     """Compile ``graph`` as consecutive segments and return one boxed callable that runs them.
 
     A multi-output op stays in one segment with its ``getitem`` users, so that segments pass
