@@ -7,7 +7,9 @@ value reads alive until then: on DenseNet-BC-100 the backward of the least-budge
 411 MiB above the planned order (bench/results/compiled_peak_h200.md). So each graph is cut
 into consecutive segments of ``OPS_PER_SEGMENT`` ops, compiled one by one: inductor fuses within
 a segment, and every value that crosses a boundary is materialised there and freed after the
-last segment that reads it, as the plan has it.
+last segment that reads it, as the plan has it. Within a segment inductor may still hold a
+value longer than planned: GPT-2 medium's least-budget plan measured 5.9% over its prediction
+(bench/results/gpu_gpt2m_compiled.md).
 
 Dropout uses PyTorch's own generator (``fallback_random``), so masks equal eager's. Loop
 reordering after fusion is off: on torch 2.11 it asserts in the scheduler on planned DenseNet
@@ -82,7 +84,7 @@ def compile_in_segments(graph: fx.GraphModule, example_inputs: Sequence[Any],
     """
     placeholders = list(graph.graph.find_nodes(op="placeholder"))
     returned = graph.graph.output_node().args[0]
-    segment_of: dict[fx.Node, int] = {}
+    segment_of: dict[fx.Node, int] = {}  # in graph order
     counted = 0
     for node in graph.graph.nodes:
         if node.op == "call_function" and node.target is operator.getitem:
@@ -105,9 +107,11 @@ def compile_in_segments(graph: fx.GraphModule, example_inputs: Sequence[Any],
 
     example = dict(zip(placeholders, example_inputs))
     stride = {node: _stride(value) for node, value in example.items()}
+    members_of: list[list[fx.Node]] = [[] for _ in range(count)]
+    for node, segment in segment_of.items():
+        members_of[segment].append(node)
     segments = []
-    for k in range(count):
-        members = [node for node, segment in segment_of.items() if segment == k]
+    for k, members in enumerate(members_of):
         sub, env, inputs = fx.Graph(), {}, []
         for node in members:
             for value in node.all_input_nodes:
@@ -120,8 +124,8 @@ def compile_in_segments(graph: fx.GraphModule, example_inputs: Sequence[Any],
             env[node] = sub.node_copy(node, env.__getitem__)
         outputs = [node for node in members if last_read.get(node, -1) > k]
         sub.output(tuple(env[node] for node in outputs))
-        examples = [example.get(value, _restrided(value.meta.get("val"), stride[value]))
-                    for value in inputs]
+        examples = [example[value] if value in example else
+                    _restrided(value.meta.get("val"), stride[value]) for value in inputs]
         with TracingContext.report_output_strides() as strides, _no_donated_buffers():
             run = compile_graph(fx.GraphModule(graph, sub), examples)
         stride.update(zip(outputs, strides or [None] * len(outputs)))
