@@ -26,6 +26,7 @@ def assert_near(actual, expected, what: str, rtol: float = NORM_RTOL) -> None:
 
 
 def assert_steps_match(module, case, eager, rtol: float = NORM_RTOL) -> None:
+    """Two steps: outputs, gradients and RNG use; then the buffers, updated once per step."""
     for seed in (101, 102):
         out, grads, rng = run_step(module, case, seed)
         eager_out, eager_grads, eager_rng = run_step(eager, case, seed)
@@ -35,6 +36,12 @@ def assert_steps_match(module, case, eager, rtol: float = NORM_RTOL) -> None:
         for name in eager_grads:
             assert_near(grads[name], eager_grads[name], f"gradient of {name}", rtol)
         assert torch.equal(rng, eager_rng), "RNG use differs from eager"
+    buffers = dict(case.model.named_buffers())
+    for name, buffer in eager.named_buffers():
+        if buffer.is_floating_point():
+            assert_near(buffers[name], buffer, f"buffer {name}", rtol)
+        else:  # BatchNorm's num_batches_tracked: one per step
+            assert torch.equal(buffers[name], buffer), f"buffer {name}: {buffers[name]} != {buffer}"
 
 
 @pytest.mark.parametrize("name", ["mlp", "nested_io", "gpt2"])
