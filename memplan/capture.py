@@ -200,6 +200,11 @@ def joint_to_ir(joint: fx.GraphModule, num_fwd_outputs: int, *, user_outputs: in
     # aot_autograd's descriptors name what each input is and which buffers the step mutates.
     mutated = {_target(d.mutated_input) for d in output_node.meta.get("desc", ())
                if type(d).__name__ == "InputMutationAOTOutput"}
+    # Where the mutations are kept in the graph (the compiled path), a copy_ into the input.
+    mutated |= {_target(n.args[0]) for n in joint.graph.nodes
+                if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
+                and _writes_first_argument(n)
+                and isinstance(n.args[0], fx.Node) and n.args[0].op == "placeholder"}
     backward_phase = _phases(joint, set(fwd_outputs))
     primal_index = 0
     ordinals: dict[tuple[str, str], int] = {}

@@ -11,7 +11,10 @@ last segment that reads it, as the plan has it. Within a segment inductor may st
 value longer than planned: GPT-2 medium's least-budget plan measured 5.9% over its prediction
 (bench/results/gpu_gpt2m_compiled.md).
 
-Dropout uses PyTorch's own generator (``fallback_random``), so masks equal eager's. Loop
+Buffer updates (BatchNorm's running statistics) stay in the compiled forward as writes into the
+buffers, as torch.compile keeps them, rather than being copied back by aot_autograd's runtime,
+a Python call per buffer per step. Dropout uses PyTorch's own generator (``fallback_random``), so
+masks equal eager's. Loop
 reordering after fusion is off: on torch 2.11 it asserts in the scheduler on planned DenseNet
 backward graphs (``reorder_loops_by_dep_pair``).
 
@@ -62,7 +65,8 @@ def compile_with_inductor(gm: fx.GraphModule, example_inputs: Sequence[Any],
     with context, torch._inductor.config.patch(options):
         return aot_module_simplified(gm, list(example_inputs), fw_compiler=forward,
                                      bw_compiler=backward, partition_fn=partition,
-                                     decompositions=select_decomp_table())
+                                     decompositions=select_decomp_table(),
+                                     keep_inference_input_mutations=True)
 
 
 @dataclass

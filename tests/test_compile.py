@@ -75,6 +75,22 @@ def test_compiled_saved_values_keep_inductors_layout():
     assert_steps_match(plan.module, case, eager, rtol=1e-3)
 
 
+def test_compiled_step_updates_buffers_inside_its_graphs():
+    """BatchNorm's running statistics are written by the compiled forward, not copied back one
+    Python call each by aot_autograd's runtime; the planner still knows which buffers the step
+    writes (a value that reads one after its update must not be recomputed)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    case = build("mlp")
+    plan = memplan.optimize(case.model, 1.0, example_inputs=case.args, method="sqrt", compile=True)
+    assert sum(node.mutated for node in plan._result().graph.nodes) == 3 * 4  # 4 BatchNorm1d
+    run_step(plan.module, case, 101)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run_step(plan.module, case, 102)
+    outside = [e.name for e in prof.events() if e.cpu_parent is None and e.name == "aten::copy_"]
+    assert not outside, f"{len(outside)} buffer copies outside the compiled graphs"
+
+
 class BreaksGraph(torch.nn.Module):
     def __init__(self):
         super().__init__()
