@@ -37,6 +37,8 @@ from torch._functorch.aot_autograd import aot_module_simplified
 from torch._guards import TracingContext, detect_fake_mode, tracing
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from memplan.errors import InternalError
+
 # Measured on DenseNet-BC-100 at its least budget (H200): 50 ops per segment kept the compiled
 # peak within 1.2% of the prediction, 150 went 4.6% over it, one segment 124% over it
 # (bench/results/compiled_segments_h200.md).
@@ -97,8 +99,9 @@ def compile_in_segments(graph: fx.GraphModule, example_inputs: Sequence[Any],
             segment_of[node] = counted // ops_per_segment
             counted += 1
         elif node.op not in ("placeholder", "get_attr", "output"):
-            raise NotImplementedError(f"memplan cannot compile a graph with a {node.op} node "
-                                      f"({node.name}) in segments")
+            raise InternalError(f"aot_autograd gave inductor a graph with a {node.op} node "
+                                f"({node.name}); memplan compiles placeholders, constants and "
+                                "calls of functions only")
     count = counted and (counted - 1) // ops_per_segment + 1
     last_read: dict[fx.Node, int] = {}
     for node, segment in segment_of.items():
