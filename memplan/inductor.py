@@ -13,10 +13,9 @@ value longer than planned: GPT-2 medium's least-budget plan measured 5.9% over i
 
 Buffer updates (BatchNorm's running statistics) stay in the compiled forward as writes into the
 buffers, as torch.compile keeps them, rather than being copied back by aot_autograd's runtime,
-a Python call per buffer per step. Dropout uses PyTorch's own generator (``fallback_random``), so
-masks equal eager's. Loop
-reordering after fusion is off: on torch 2.11 it asserts in the scheduler on planned DenseNet
-backward graphs (``reorder_loops_by_dep_pair``).
+a Python call per buffer per step. Dropout uses PyTorch's own generator (``fallback_random``),
+so masks equal eager's. Loop reordering after fusion is off: on torch 2.11 it asserts in the
+scheduler on planned DenseNet backward graphs (``reorder_loops_by_dep_pair``).
 
 Inductor may give a value another layout than eager's (channels-last after convolutions);
 each segment is compiled for the strides the earlier ones report, and aot_autograd compiles the
