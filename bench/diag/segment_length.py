@@ -13,13 +13,17 @@ executor's row is the reference: the same count for the eager plan.
 
 import sys
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-import memplan
-import memplan.inductor
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import core  # noqa: E402
+
+import memplan  # noqa: E402
+import memplan.inductor  # noqa: E402
 
 
 class DenseMLP(nn.Module):
@@ -52,14 +56,6 @@ def allocator_peak(module: nn.Module, x: torch.Tensor) -> int:
     return peak
 
 
-def least_budget(model: nn.Module, x: torch.Tensor, compile: bool) -> int:
-    try:
-        memplan.optimize(model, 1, example_inputs=(x,), compile=compile)
-    except memplan.InfeasibleBudgetError as error:
-        return error.minimum_bytes
-    raise AssertionError("a 1-byte budget was accepted")
-
-
 def main() -> None:
     lengths = [int(a) for a in sys.argv[1:]] or [10**6, 50, 10]
     torch.manual_seed(0)
@@ -69,7 +65,7 @@ def main() -> None:
     for compile, length in rows:
         memplan.inductor.OPS_PER_SEGMENT = length or memplan.inductor.OPS_PER_SEGMENT
         torch._dynamo.reset()
-        budget = least_budget(model, x, compile)
+        budget = core.least_budget(model, x, compile)
         start = time.perf_counter()
         plan = memplan.optimize(model, budget, example_inputs=(x,), compile=compile)
         plan.module(x).sum().backward()
