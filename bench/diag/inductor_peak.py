@@ -6,7 +6,8 @@ peak, on the CPU: where the compiled step departs from the planned order.
 Without a budget, the least one memplan names for DenseNet-40 (k=12, batch 32×3×32×32).
 Inductor estimates each graph's peak (``torch._inductor.memory``) before it reorders for
 memory; this prints that estimate for the backward, the scheduler node at the peak, the
-largest buffers live there, and the nodes that read them.
+largest buffers live there, and the nodes that read them. Inductor is given whole graphs here
+(one segment each), the departure that segmented compilation (``memplan.inductor``) bounds.
 """
 
 import sys
@@ -21,6 +22,7 @@ import core  # noqa: E402
 import densenet  # noqa: E402
 
 import memplan  # noqa: E402
+import memplan.inductor  # noqa: E402
 
 timelines = []
 _compute_memory_timeline = inductor_memory.compute_memory_timeline
@@ -39,6 +41,7 @@ def origins(scheduler_node) -> list[str]:
 
 def main() -> None:
     torch._inductor.config.force_disable_caches = True  # the estimate runs only when compiling
+    memplan.inductor.OPS_PER_SEGMENT = 10**9  # one segment per graph: one timeline each
     inductor_memory.compute_memory_timeline = recording
     torch.manual_seed(0)
     model, x = densenet.model(40, 12), torch.randn(32, 3, 32, 32)
