@@ -4,9 +4,11 @@ For one model, naive eager against memplan with ``method="none"`` (every value k
 step time, the summed time and count of the device kernels in one profiled step, and the kernel
 names whose total time or count differ most. Where the kernel time is equal and the step is
 slower, the difference is host time (Python, launches) not hidden behind the device's work.
-Two other configurations may be compared the same way: ``eager``, ``none`` or a budget.
+Two other configurations may be compared the same way: ``eager``, ``none``, a budget,
+``torch.compile`` (activation_memory_budget 1.0) or ``compiled:<budget>`` (memplan compiled).
 
     python bench/diag/executor_overhead.py densenet100|resnet1001|resnet164 [eager none | 75% 30%]
+    python bench/diag/executor_overhead.py densenet100 torch.compile compiled:75%
 """
 
 import collections
@@ -72,12 +74,18 @@ def table(header: str, names: tuple[str, str], first: dict, second: dict, measur
 
 
 def module_for(config: str, model, x):
-    """Naive eager, memplan recomputing nothing, or memplan at a budget."""
+    """Naive eager, torch.compile, memplan recomputing nothing, or memplan at a budget."""
     if config == "eager":
         return model
+    if config == "torch.compile":
+        compiled = torch.compile(model)
+        core.step(compiled, x)
+        return compiled
     if config == "none":
         return memplan.optimize(model, "100GB", example_inputs=(x,), method="none").module
-    plan = memplan.optimize(model, config, example_inputs=(x,))
+    compile = config.startswith("compiled:")
+    config = config.removeprefix("compiled:")
+    plan = memplan.optimize(model, config, example_inputs=(x,), compile=compile)
     print(f"{config}: {plan.method}, predicted peak {plan.predicted_peak_bytes / 2**30:.3f} GiB")
     return plan.module
 

@@ -1,0 +1,119 @@
+"""Where a compiled step's time goes: per configuration, the step time, the device kernels' summed
+time and count in one profiled step, and what the kernels do not cover (host time not hidden).
+
+Compiling DenseNet-BC-100 takes minutes, so each configuration runs in its own process and the
+processes compile at once; with ``--parties N`` each then waits until N processes have
+compiled, and they measure one at a time (a lock file in ``--sync``), so that no measurement
+shares the host with a compile.
+
+    python bench/diag/compiled_time.py densenet100 CONFIG [--parties N --sync DIR] [--out DIR]
+
+CONFIG is ``eager``, ``torch.compile[:BUDGET]`` (activation_memory_budget, default 1.0),
+``memplan:BUDGET`` (memplan eager) or ``compiled:BUDGET[:OPS]`` (memplan compiled; BUDGET may be
+``none`` for method="none", OPS is ops per segment or ``whole``). ``--out`` receives the
+kernels' names, times and counts as JSON, for comparing two configurations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import fcntl
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import core  # noqa: E402
+import gpu  # noqa: E402
+
+import memplan  # noqa: E402
+import memplan.inductor  # noqa: E402
+
+
+def build(config: str, model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.nn.Module, dict]:
+    kind, _, rest = config.partition(":")
+    if kind == "eager":
+        return model, {}
+    if kind == "torch.compile":
+        torch._functorch.config.activation_memory_budget = float(rest or 1.0)
+        return torch.compile(model), {}
+    budget, _, ops = rest.partition(":")
+    if ops:
+        memplan.inductor.OPS_PER_SEGMENT = 10**9 if ops == "whole" else int(ops)
+    options = dict(method="none") if budget == "none" else {}
+    if budget == "minimum":
+        budget = core.least_budget(model, x, compile=kind == "compiled")
+    plan = memplan.optimize(model, "1TB" if budget == "none" else budget, example_inputs=(x,),
+                            compile=kind == "compiled", **options)
+    chosen = plan._result().chosen
+    return plan.module, dict(method=plan.method, predicted_gib=plan.predicted_peak_bytes / 2**30,
+                             predicted_ms=(chosen.step_s + chosen.recompute_s) * 1e3)
+
+
+def kernels(module: torch.nn.Module, x: torch.Tensor) -> dict[str, list[float]]:
+    """Kernel name -> durations in µs over one profiled step."""
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        core.step(module, x)
+        torch.cuda.synchronize()
+    by_name = collections.defaultdict(list)
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            by_name[event.name[:120]].append(event.time_range.elapsed_us())
+    return by_name
+
+
+def wait_for_turn(sync: Path, parties: int) -> int:
+    """Wait until every process has compiled (or failed to), then take the lock."""
+    while len(list(sync.glob("*.ready"))) < parties:
+        time.sleep(1)
+    lock = os.open(sync / "lock", os.O_CREAT | os.O_RDWR)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    return lock
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", choices=gpu.MODELS)
+    parser.add_argument("config")
+    parser.add_argument("--parties", type=int, default=1)
+    parser.add_argument("--sync", type=Path, default=Path("/tmp/compiled_time_sync"))
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    _title, make, _checkpointed, inputs = gpu.MODELS[args.model]
+    torch.manual_seed(0)
+    model, x = make().cuda(), inputs()
+    start = time.perf_counter()
+    try:
+        module, facts = build(args.config, model, x)
+        core.step(module, x)
+    finally:  # a process that failed must not keep the others waiting
+        args.sync.mkdir(parents=True, exist_ok=True)
+        (args.sync / f"{os.getpid()}.ready").touch()
+    facts["plan_compile_s"] = round(time.perf_counter() - start, 1)
+    lock = wait_for_turn(args.sync, args.parties) if args.parties > 1 else None
+    peak, ms = core.measure(module, x, repeats=10)
+    by_name = kernels(module, x)
+    kernel_ms = sum(map(sum, by_name.values())) / 1e3
+    launches = sum(map(len, by_name.values()))
+    if lock is not None:
+        os.close(lock)
+    print(f"| {args.config} | {peak / 2**30:.3f} | {facts.get('predicted_gib', float('nan')):.3f} "
+          f"| {ms:.1f} | {kernel_ms:.1f} | {launches} | {ms - kernel_ms:.1f} "
+          f"| {facts.get('predicted_ms', float('nan')):.1f} | {facts['plan_compile_s']} "
+          f"| {facts.get('method', '')} |", flush=True)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        name = args.config.replace(":", "_").replace("%", "pct")
+        (args.out / f"{args.model}_{name}.json").write_text(json.dumps(dict(
+            config=args.config, peak=peak, ms=ms, **facts,
+            kernels={k: [round(sum(v), 1), len(v)] for k, v in by_name.items()})))
+
+
+if __name__ == "__main__":
+    main()
