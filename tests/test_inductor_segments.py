@@ -65,3 +65,38 @@ def test_each_value_is_released_after_its_last_reading_segment():
     sin = next(n.name for n in graph.graph.nodes if n.target is torch.ops.aten.sin.default)
     readers = [k for k, (reads, _) in enumerate(segments) if sin in reads]
     assert readers == [len(segments) - 1], "sin's value should pass from its segment to the last"
+
+
+def update_then_compute(x: torch.Tensor, running: torch.Tensor) -> tuple[torch.Tensor]:
+    mean = x.mean(0)
+    updated = running * 0.9 + mean * 0.1  # a buffer update, as BatchNorm's running mean
+    y = (x - mean).relu().sin().cos().exp().tanh()
+    running.copy_(updated)  # written at the end, where aot_autograd leaves buffer writes
+    return (y,)
+
+
+def test_a_buffer_write_joins_the_segment_of_its_value():
+    x, running = torch.randn(16, 8), torch.zeros(8)
+    graph = make_fx(update_then_compute)(x, running.clone())
+    members: list[list] = []
+
+    def compile_graph(segment: torch.fx.GraphModule, _examples):
+        members.append([n.target for n in segment.graph.nodes if n.op == "call_function"])
+
+        def run(args: list):
+            results = segment(*args)
+            args.clear()
+            return results
+
+        run._boxed_call = True
+        return run
+
+    compiled = compile_in_segments(graph, [x, running], compile_graph, ops_per_segment=2)
+    (out,) = compiled([x, running])
+    expected_running = torch.zeros(8)
+    (expected,) = update_then_compute(x, expected_running)
+    assert torch.equal(out, expected) and torch.equal(running, expected_running)
+    copy_, add = torch.ops.aten.copy_.default, torch.ops.aten.add.Tensor
+    writer = next(k for k, targets in enumerate(members) if copy_ in targets)
+    assert add in members[writer], f"the write left its value's segment: {members}"
+    assert writer < len(members) - 1, "the write should not wait for the last segment"
