@@ -53,6 +53,7 @@ def build(config: str, model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.n
                             compile=kind == "compiled", **options)
     chosen = plan._result().chosen
     return plan.module, dict(method=plan.method, predicted_gib=plan.predicted_peak_bytes / 2**30,
+                             budget_gib=plan.budget_bytes / 2**30,
                              predicted_ms=(chosen.step_s + chosen.recompute_s) * 1e3)
 
 
@@ -105,6 +106,7 @@ def main() -> None:
         os.close(lock)
     print(f"| {args.config} | {peak / 2**30:.3f} | {facts.get('predicted_gib', float('nan')):.3f} "
           f"| {ms:.1f} | {kernel_ms:.1f} | {launches} | {ms - kernel_ms:.1f} "
+          f"| {facts.get('budget_gib', float('nan')):.3f} "
           f"| {facts.get('predicted_ms', float('nan')):.1f} | {facts['plan_compile_s']} "
           f"| {facts.get('method', '')} |", flush=True)
     if args.out:
