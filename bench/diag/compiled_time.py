@@ -17,7 +17,6 @@ kernels' names, times and counts as JSON, for comparing two configurations.
 from __future__ import annotations
 
 import argparse
-import collections
 import fcntl
 import json
 import os
@@ -26,11 +25,11 @@ import time
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import core  # noqa: E402
 import gpu  # noqa: E402
+from executor_overhead import kernels  # noqa: E402
 
 import memplan  # noqa: E402
 import memplan.inductor  # noqa: E402
@@ -55,18 +54,6 @@ def build(config: str, model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.n
     return plan.module, dict(method=plan.method, predicted_gib=plan.predicted_peak_bytes / 2**30,
                              budget_gib=plan.budget_bytes / 2**30,
                              predicted_ms=(chosen.step_s + chosen.recompute_s) * 1e3)
-
-
-def kernels(module: torch.nn.Module, x: torch.Tensor) -> dict[str, list[float]]:
-    """Kernel name -> durations in µs over one profiled step."""
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        core.step(module, x)
-        torch.cuda.synchronize()
-    by_name = collections.defaultdict(list)
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            by_name[event.name[:120]].append(event.time_range.elapsed_us())
-    return by_name
 
 
 def wait_for_turn(sync: Path, parties: int) -> int:
@@ -99,7 +86,7 @@ def main() -> None:
     facts["plan_compile_s"] = round(time.perf_counter() - start, 1)
     lock = wait_for_turn(args.sync, args.parties) if args.parties > 1 else None
     peak, ms = core.measure(module, x, repeats=10)
-    by_name = kernels(module, x)
+    by_name, _host = kernels(module, x)
     kernel_ms = sum(map(sum, by_name.values())) / 1e3
     launches = sum(map(len, by_name.values()))
     if lock is not None:
