@@ -167,8 +167,10 @@ def _move_input_writes_to_their_values(graph: fx.Graph) -> None:
     own (297 kernels per DenseNet-BC-100 step, bench/results/compiled_time_h200.md)."""
     position = {node: i for i, node in enumerate(graph.nodes)}
     for node in list(graph.nodes):
-        written, value = node.args[:2] if _writes_input(node) else (None, None)
-        if written is None or [u for u in written.users if _writes_input(u)] != [node]:
+        if not _writes_input(node):
+            continue
+        written, value = node.args[:2]
+        if sum(map(_writes_input, written.users)) > 1:  # writes to one input keep their order
             continue
         after = max((value, *(u for u in written.users if u is not node)), key=position.get)
         if after.op != "placeholder":
