@@ -333,9 +333,8 @@ def make_partition(planner: Planner, result: dict[str, Any], *, device: torch.de
     def partition(joint: fx.GraphModule, _inputs: Any, *, num_fwd_outputs: int, **_: Any):
         _drop_metadata_checks(joint)
         free_backward_of_running_stats(joint)
-        if eager:  # inductor has its own dropout lowering, and no native_dropout_backward one
-            recompute_dropout_from_mask(joint)
-            replay_dropout_masks(joint)
+        recompute_dropout_from_mask(joint, decomposed=not eager)  # inductor lowers no
+        replay_dropout_masks(joint)  # native_dropout_backward: it expects the decomposition
         with _disable_current_modes():  # aot_autograd partitions under FakeTensorMode
             workspaces = measure_workspaces(joint, device)
             ambient_bytes = _ambient_bytes(model, flat_inputs, device) if model is not None else 0
@@ -345,7 +344,9 @@ def make_partition(planner: Planner, result: dict[str, Any], *, device: torch.de
                             written_in_place=written_in_place)
         program = planner(graph, joint)
         result.update(graph=graph, program=program, joint=joint)
-        return split(joint, graph, program, num_fwd_outputs)
+        forward, backward = split(joint, graph, program, num_fwd_outputs)
+        reuse_draws_in_forward(forward)
+        return forward, backward
 
     return partition
 
@@ -389,7 +390,6 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, planner: Planner,
 
     def compile_forward(graph_module: fx.GraphModule, inputs: Any) -> Callable[..., Any]:
         update_buffers_in_place(graph_module, [n.name for n in result["graph"].nodes if n.mutated])
-        reuse_draws_in_forward(graph_module)
         return compile_one(graph_module, inputs)
 
     def compile_backward(graph_module: fx.GraphModule, inputs: Any) -> Callable[..., Any]:

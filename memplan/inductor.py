@@ -14,8 +14,9 @@ value longer than planned: GPT-2 medium's least-budget plan measured 5.9% over i
 Buffer updates (BatchNorm's running statistics) stay in the compiled forward as writes into the
 buffers, as torch.compile keeps them, rather than being copied back by aot_autograd's runtime,
 a Python call per buffer per step; each write is moved next to the value it writes, so that it
-is part of that value's segment. Dropout uses PyTorch's own generator (``fallback_random``),
-so masks equal eager's. Loop reordering after fusion is off: on torch 2.11 it asserts in the
+is part of that value's segment. Dropout is drawn and replayed by memplan's
+own ops (``memplan.passes.dropout``), which inductor calls as they are; other random ops use
+PyTorch's generator too (``fallback_random``), so random values equal eager's. Loop reordering after fusion is off: on torch 2.11 it asserts in the
 scheduler on planned DenseNet backward graphs (``reorder_loops_by_dep_pair``).
 
 Inductor may give a value another layout than eager's (channels-last after convolutions);

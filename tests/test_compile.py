@@ -12,6 +12,8 @@ import pytest
 import torch
 
 import memplan
+from memplan.passes.dropout import replay
+from memplan.sac import op_name
 from harness import eager_twin, float_leaves, run_step
 from zoo import build
 
@@ -89,6 +91,22 @@ def test_compiled_step_updates_buffers_inside_its_graphs():
         run_step(plan.module, case, 102)
     outside = [e.name for e in prof.events() if e.cpu_parent is None and e.name == "aten::copy_"]
     assert not outside, f"{len(outside)} buffer copies outside the compiled graphs"
+
+
+def test_compiled_plans_replay_dropout_masks():
+    """Dropout masks are replayed from their generator state on the compiled path too (inductor
+    calls memplan's draw and replay ops), so at the least budget they are recomputed, not saved,
+    and the compiled step still draws what eager draws."""
+    case = build("gpt2")
+    eager = eager_twin(case)
+    with pytest.raises(memplan.InfeasibleBudgetError) as info:
+        memplan.optimize(case.model, 1, example_inputs=case.args, compile=True)
+    plan = memplan.optimize(case.model, info.value.minimum_bytes, example_inputs=case.args,
+                            compile=True)
+    graph = plan._result().graph
+    replayed = [name for name in plan.program.backward if graph[name].op == op_name(replay)]
+    assert replayed, "no dropout mask was recomputed"
+    assert_steps_match(plan.module, case, eager)
 
 
 class BreaksGraph(torch.nn.Module):

@@ -117,12 +117,13 @@ def test_workspaces_are_measured_for_deterministic_ops_but_not_views_or_random_o
     from torch.fx.experimental.proxy_tensor import make_fx
 
     from memplan.cost_models.workspace import _measured
+    from memplan.passes.dropout import replay
     aten = torch.ops.aten
 
-    def step(x):
+    def step(x, state):  # a replay sets the generator from its argument: not run either
         grad = aten._softmax_backward_data(x, x, -1, torch.float32)
-        return grad.view(-1), aten.native_dropout(x, 0.5, True), x.sum()
+        return grad.view(-1), aten.native_dropout(x, 0.5, True), replay(state, x, 0.5), x.sum()
 
-    graph = make_fx(step, tracing_mode="fake")(torch.randn(4, 4)).graph
+    graph = make_fx(step, tracing_mode="fake")(torch.randn(4, 4), torch.get_rng_state()).graph
     measured = [n.target for n in graph.nodes if n.op == "call_function" and _measured(n)]
     assert measured == [aten._softmax_backward_data.default, aten.sum.default]

@@ -21,6 +21,7 @@ import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import _disable_current_modes
 
 from memplan.cost_models.workspace import call_key, real_argument
+from memplan.passes.dropout import sets_generator_state
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,8 @@ def profile_times(joint: fx.GraphModule, device: torch.device, cache: OpTimeCach
 
 
 def _time_node(node: fx.Node, device: torch.device, cache: OpTimeCache, times: dict[str, float]) -> None:
-    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+    if (node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload)
+            or sets_generator_state(node.target)):
         return
     key = call_key(node)
     seconds = cache.get(device, key)

@@ -5,7 +5,8 @@ convolutions their workspaces, ``_softmax_backward_data`` a temporary as large a
 (``grad * output``). It counts in ``max_memory_allocated`` and can set the step's peak. Each
 distinct call (op, shapes, strides, dtypes, arguments) runs once on the real device with random
 inputs, and its workspace is the peak it reached beyond its inputs and new outputs. Random ops
-are left out (running one would advance the generator eager draws from), and so are views.
+are left out (running one would advance the generator eager draws from), and so are views and
+dropout replays (they set the generator from their argument).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from memplan.graph import CUDA_ALLOCATOR_ROUNDING, allocated_bytes
+from memplan.passes.dropout import sets_generator_state
 
 
 def real_argument(value: Any, device: torch.device) -> Any:
@@ -44,7 +46,7 @@ def _measured(node: fx.Node) -> bool:
     """A deterministic, non-view ATen op that returns tensors."""
     op = node.target
     return (isinstance(op, torch._ops.OpOverload) and not op.is_view
-            and torch.Tag.nondeterministic_seeded not in op.tags
+            and torch.Tag.nondeterministic_seeded not in op.tags and not sets_generator_state(op)
             and any(isinstance(v, torch.Tensor) for v in pytree.tree_leaves(node.meta.get("val"))))
 
 
