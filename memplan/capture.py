@@ -333,8 +333,9 @@ def make_partition(planner: Planner, result: dict[str, Any], *, device: torch.de
     def partition(joint: fx.GraphModule, _inputs: Any, *, num_fwd_outputs: int, **_: Any):
         _drop_metadata_checks(joint)
         free_backward_of_running_stats(joint)
-        recompute_dropout_from_mask(joint, decomposed=not eager)  # inductor lowers no
-        replay_dropout_masks(joint)  # native_dropout_backward: it expects the decomposition
+        # inductor has no lowering of native_dropout_backward: it is given the decomposition
+        recompute_dropout_from_mask(joint, decomposed=not eager)
+        replay_dropout_masks(joint)
         with _disable_current_modes():  # aot_autograd partitions under FakeTensorMode
             workspaces = measure_workspaces(joint, device)
             ambient_bytes = _ambient_bytes(model, flat_inputs, device) if model is not None else 0
