@@ -8,21 +8,28 @@ value reads alive until then: on DenseNet-BC-100 the backward of the least-budge
 into consecutive segments of ``OPS_PER_SEGMENT`` ops, compiled one by one: inductor fuses within
 a segment, and every value that crosses a boundary is materialised there and freed after the
 last segment that reads it, as the plan has it. Within a segment inductor may still hold a
-value longer than planned: GPT-2 medium's least-budget plan measured 5.9% over its prediction
-(bench/results/gpu_gpt2m_compiled.md).
+value longer than planned. Two ways it did so on DenseNet-BC-100 (H200) are closed on CUDA. A
+value whose computation frees a much larger storage is returned by its segment, so that
+inductor computes it in order (``_values_that_free_storage``). Inductor's layout optimisation is
+off: it gave convolutions channels-last inputs, copying a concatenation while the original was
+still alive, a copy the plan does not know of. Together they took the least-budget plan from
+14.5% to 4.2% over its prediction, still over its budget (bench/results/segment_peaks_h200.md).
+On the CPU they raised DenseNet-40's least-budget compiled peak instead (76.0 MB with neither,
+80.8 with the layout optimisation off, 83.5 with both), so there both are left to inductor.
 
 Buffer updates (BatchNorm's running statistics) stay in the compiled forward as writes into the
 buffers, as torch.compile keeps them, rather than being copied back by aot_autograd's runtime,
 a Python call per buffer per step; each write is moved next to the value it writes, so that it
-is part of that value's segment. Dropout is drawn and replayed by memplan's
-own ops (``memplan.passes.dropout``), which inductor calls as they are; other random ops use
-PyTorch's generator too (``fallback_random``), so random values equal eager's. Loop reordering after fusion is off: on torch 2.11 it asserts in the
-scheduler on planned DenseNet backward graphs (``reorder_loops_by_dep_pair``).
+is part of that value's segment. Dropout is drawn and replayed by memplan's own ops
+(``memplan.passes.dropout``), which inductor calls as they are; other random ops use PyTorch's
+generator too (``fallback_random``), so random values equal eager's. Loop reordering after
+fusion is off: on torch 2.11 it asserts in the scheduler on planned DenseNet backward graphs
+(``reorder_loops_by_dep_pair``).
 
-Inductor may give a value another layout than eager's (channels-last after convolutions);
-each segment is compiled for the strides the earlier ones report, and aot_autograd compiles the
-backward for the strides the forward reports, through a ``TracingContext``. Dynamo provides one
-to ``memplan.backend``; ``optimize`` has none, so one is made here.
+Inductor may give a value other strides than eager's; each segment is compiled for the strides
+the earlier ones report, and aot_autograd compiles the backward for the strides the forward
+reports, through a ``TracingContext``. Dynamo provides one to ``memplan.backend``; ``optimize``
+has none, so one is made here.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ import torch.fx as fx
 from torch._functorch.aot_autograd import aot_module_simplified
 from torch._guards import TracingContext, detect_fake_mode, tracing
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from memplan.errors import InternalError
 
@@ -51,15 +59,19 @@ def compile_with_inductor(gm: fx.GraphModule, example_inputs: Sequence[Any],
     from torch._inductor.compile_fx import compile_fx_inner
     from torch._inductor.decomposition import select_decomp_table
 
+    on_cuda = any(isinstance(t, torch.Tensor) and t.device.type == "cuda" for t in example_inputs)
     options = {"fallback_random": True, "loop_ordering_after_fusion": False}
+    if on_cuda:
+        options["layout_optimization"] = False
 
     def forward(graph: fx.GraphModule, inputs: Sequence[Any]) -> Callable[..., Any]:
-        return compile_in_segments(graph, inputs, compile_fx_inner, OPS_PER_SEGMENT)
+        return compile_in_segments(graph, inputs, compile_fx_inner, OPS_PER_SEGMENT,
+                                   return_values_that_free_storage=on_cuda)
 
     def backward(graph: fx.GraphModule, inputs: Sequence[Any]) -> Callable[..., Any]:
         return compile_in_segments(graph, inputs,
                                    lambda g, i: compile_fx_inner(g, i, is_backward=True),
-                                   OPS_PER_SEGMENT)
+                                   OPS_PER_SEGMENT, return_values_that_free_storage=on_cuda)
 
     context = contextlib.nullcontext()
     if TracingContext.try_get() is None:
@@ -82,12 +94,15 @@ class _Segment:
 
 def compile_in_segments(graph: fx.GraphModule, example_inputs: Sequence[Any],
                         compile_graph: Callable[..., Any],
-                        ops_per_segment: int) -> Callable[[list], Any]:
+                        ops_per_segment: int, *,
+                        return_values_that_free_storage: bool = False) -> Callable[[list], Any]:
     """Compile ``graph`` as consecutive segments and return one boxed callable that runs them.
 
     A multi-output op stays in one segment with its ``getitem`` users, so that segments pass
     tensors only. The strides each compiled segment reports for its outputs are the example
-    inputs of the next, and are reported in turn for the graph's outputs.
+    inputs of the next, and are reported in turn for the graph's outputs. With
+    ``return_values_that_free_storage``, a segment also returns the values of
+    ``_values_that_free_storage`` it computes, and the runner drops them.
     """
     _move_input_writes_to_their_values(graph.graph)
     placeholders = list(graph.graph.find_nodes(op="placeholder"))
@@ -116,6 +131,8 @@ def compile_in_segments(graph: fx.GraphModule, example_inputs: Sequence[Any],
     constants = {node: operator.attrgetter(node.target)(graph)  # returned as they are
                  for node in graph.graph.find_nodes(op="get_attr") if last_read.get(node) == count}
 
+    frees_storage = (_values_that_free_storage(graph.graph) if return_values_that_free_storage
+                     else set())
     example = dict(zip(placeholders, example_inputs))
     stride = {node: _stride(value) for node, value in example.items()}
     members_of: list[list[fx.Node]] = [[] for _ in range(count)]
@@ -134,7 +151,8 @@ def compile_in_segments(graph: fx.GraphModule, example_inputs: Sequence[Any],
                     inputs.append(value)
             env[node] = sub.node_copy(node, env.__getitem__)
         outputs = [node for node in members if last_read.get(node, -1) > k]
-        sub.output(tuple(env[node] for node in outputs))
+        realized = [node for node in members if node not in outputs and node in frees_storage]
+        sub.output(tuple(env[node] for node in outputs + realized))
         examples = [example[value] if value in example else
                     _restrided(value.meta.get("val"), stride[value]) for value in inputs]
         with TracingContext.report_output_strides() as strides, _no_donated_buffers():
@@ -176,6 +194,42 @@ def _move_input_writes_to_their_values(graph: fx.Graph) -> None:
         after = max((value, *(u for u in written.users if u is not node)), key=position.get)
         if after.op != "placeholder":
             after.append(node)
+
+
+def _values_that_free_storage(graph: fx.Graph) -> set[fx.Node]:
+    """The values whose computation frees a storage more than twice their size: its last reader.
+
+    Inductor computes a pointwise value where a kernel first needs it, unless it is returned.
+    In DenseNet-BC-100's least-budget backward the sum of two slices of 54 and 51 MiB gradients
+    was computed at its convolution's backward, the end of its segment, holding both gradients
+    across the recomputation of a concatenation and its BatchNorm (that segment peaked 82 MiB
+    above its order, with a channels-last copy; 3 MiB with neither, H200). A segment returns
+    these values, so that they are computed, and the storage freed, where the plan has it.
+    Storages of placeholders and of returned values are held by the caller and never freed here.
+    """
+    storage_of: dict[fx.Node, StorageWeakRef] = {}
+    nbytes: dict[StorageWeakRef, int] = {}
+    for node in graph.nodes:
+        value = node.meta.get("val")
+        if isinstance(value, torch.Tensor):
+            storage_of[node] = StorageWeakRef(value.untyped_storage())
+            nbytes[storage_of[node]] = value.untyped_storage().nbytes()
+    held = {storage_of.get(node) for node in (*graph.find_nodes(op="placeholder"),
+                                               *graph.output_node().all_input_nodes)}
+    last_reader: dict[StorageWeakRef, fx.Node] = {}
+    for node in graph.nodes:
+        if node.op == "call_function":
+            for value in node.all_input_nodes:
+                if value in storage_of:
+                    last_reader[storage_of[value]] = node
+    freed: dict[fx.Node, int] = {}
+    for storage, node in last_reader.items():
+        if storage not in held:
+            freed[node] = freed.get(node, 0) + nbytes[storage]
+    return {node for node, freed_bytes in freed.items()
+            if node in storage_of and not _writes_input(node)
+            and not getattr(node.target, "is_view", False)
+            and freed_bytes > 2 * nbytes[storage_of[node]]}
 
 
 def _writes_input(node: fx.Node) -> bool:

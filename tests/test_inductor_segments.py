@@ -100,3 +100,40 @@ def test_a_buffer_write_joins_the_segment_of_its_value():
     writer = next(k for k, targets in enumerate(members) if copy_ in targets)
     assert add in members[writer], f"the write left its value's segment: {members}"
     assert writer < len(members) - 1, "the write should not wait for the last segment"
+
+
+def sum_of_slices_then_other_work(gradient: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    doubled = gradient * 2  # a gradient computed in an earlier segment
+    part = doubled[:, :2] + 1  # the last reader of doubled's storage, a tenth of its size
+    y = x.exp()  # planned after part, so after doubled is freed
+    return y, part.t() @ x
+
+
+def test_a_value_that_frees_a_storage_is_returned_by_its_segment():
+    """``part`` frees ``doubled``, ten times its size: its segment returns it, so that inductor
+    computes it where the plan has it instead of in the kernel of its first reader (which would
+    hold ``doubled`` across ``y``); the runner drops it."""
+    gradient, x = torch.randn(8, 20), torch.randn(8, 8)
+    graph = make_fx(sum_of_slices_then_other_work)(gradient, x)
+    returned_by: list[list[str]] = []
+
+    def compile_graph(segment: torch.fx.GraphModule, _examples):
+        returned_by.append([n.name for n in segment.graph.output_node().args[0]])
+
+        def run(args: list):
+            results = segment(*args)
+            args.clear()
+            return results
+
+        run._boxed_call = True
+        return run
+
+    compiled = compile_in_segments(graph, [gradient, x], compile_graph, ops_per_segment=100,
+                                   return_values_that_free_storage=True)
+    outputs = compiled([gradient, x])
+    assert len(outputs) == 2
+    for actual, expected in zip(outputs, sum_of_slices_then_other_work(gradient, x)):
+        assert torch.equal(actual, expected)
+    add = next(n.name for n in graph.graph.nodes if n.target is torch.ops.aten.add.Tensor)
+    assert add in returned_by[0], f"the sum should be returned where it is computed: {returned_by}"
+    assert len(returned_by[0]) == 3, "only the sum is returned beyond the graph's outputs"
