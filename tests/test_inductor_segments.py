@@ -67,6 +67,17 @@ def test_each_value_is_released_after_its_last_reading_segment():
     assert readers == [len(segments) - 1], "sin's value should pass from its segment to the last"
 
 
+def run_eagerly(segment: torch.fx.GraphModule):
+    """The segment as a compiled one is called: boxed, emptying its argument list."""
+    def run(args: list):
+        results = segment(*args)
+        args.clear()
+        return results
+
+    run._boxed_call = True
+    return run
+
+
 def update_then_compute(x: torch.Tensor, running: torch.Tensor) -> tuple[torch.Tensor]:
     mean = x.mean(0)
     updated = running * 0.9 + mean * 0.1  # a buffer update, as BatchNorm's running mean
@@ -82,14 +93,7 @@ def test_a_buffer_write_joins_the_segment_of_its_value():
 
     def compile_graph(segment: torch.fx.GraphModule, _examples):
         members.append([n.target for n in segment.graph.nodes if n.op == "call_function"])
-
-        def run(args: list):
-            results = segment(*args)
-            args.clear()
-            return results
-
-        run._boxed_call = True
-        return run
+        return run_eagerly(segment)
 
     compiled = compile_in_segments(graph, [x, running], compile_graph, ops_per_segment=2)
     (out,) = compiled([x, running])
@@ -119,14 +123,7 @@ def test_a_value_that_frees_a_storage_is_returned_by_its_segment():
 
     def compile_graph(segment: torch.fx.GraphModule, _examples):
         returned_by.append([n.name for n in segment.graph.output_node().args[0]])
-
-        def run(args: list):
-            results = segment(*args)
-            args.clear()
-            return results
-
-        run._boxed_call = True
-        return run
+        return run_eagerly(segment)
 
     compiled = compile_in_segments(graph, [gradient, x], compile_graph, ops_per_segment=100,
                                    return_values_that_free_storage=True)
