@@ -12,11 +12,12 @@ incoming gradient counted in m:
                       min over s < k <= t of  uf[s..k-1] + C(k, t, m - x[s])
                                                         + C(s, k-1, m - grad[k..t]) ) (Split)
 
-Memory is discretised into ``config.dp_slots`` slots, sizes rounded up. The DP's memory model is
-an estimate; the simulator is the judge: every distinct optimal tree over all slot counts becomes a
-program, and the cheapest program whose simulated peak fits wins. The candidates do not depend
-on the budget, so a larger budget never gives a slower schedule, nor a smaller one a larger peak.
-The trees of ``config.dp_candidates`` slot counts, spread over the feasible range, are simulated.
+Memory is discretised into slots, sizes rounded up, once for each count in ``config.dp_slots``.
+The DP's memory model is an estimate; the simulator is the judge: the distinct optimal trees at
+``config.dp_candidates`` slot counts spread evenly over the feasible range, and as many spread
+geometrically, become programs, and the cheapest program whose simulated peak fits wins. The
+candidates do not depend on the budget, so a larger budget never gives a slower schedule, nor a
+smaller one a larger peak.
 """
 
 from __future__ import annotations
@@ -149,11 +150,17 @@ class ChainDP:
 
 
 def candidate_trees(dp: ChainDP, count: int) -> list[Tree]:
-    """The distinct optimal trees at ``count`` slot counts spread evenly over the feasible ones,
-    the cheapest (in the DP's model) first."""
+    """The distinct optimal trees at ``count`` slot counts spread evenly over the feasible ones and
+    ``count`` spread geometrically, the cheapest (in the DP's model) first.
+
+    Geometrically too, because budgets that need much recomputation sit near the least feasible
+    memory, far below the keep-everything ceiling (GPT-2 medium's 6.8 GiB of 53 GiB), where an
+    even spread has few candidates."""
     costs = dp.cost[0, dp.count - 1]
     feasible = np.flatnonzero(costs < _INFEASIBLE)
-    picked = feasible[np.unique(np.linspace(0, len(feasible) - 1, count).round().astype(int))]
+    even = np.linspace(0, len(feasible) - 1, count).round().astype(int)
+    geometric = np.searchsorted(feasible, np.geomspace(max(feasible[0], 1), feasible[-1], count))
+    picked = feasible[np.unique(np.concatenate([even, geometric.clip(max=len(feasible) - 1)]))]
     trees: dict[Tree, None] = {}
     for slots in sorted(picked, key=lambda m: (costs[m], -m)):
         trees.setdefault(dp.tree(0, dp.count - 1, int(slots)), None)
@@ -164,9 +171,11 @@ def solve(graph: JointGraph, budget_bytes: int, *, config: SolverConfig) -> Step
     cuts = find_cuts(graph)
     boundaries = coarsen(cuts, local_minima(cuts), config.dp_stages)
     stages = make_stages(graph, cuts, boundaries, build_program(graph, cuts.keep(boundaries)))
-    dp = ChainDP(ChainModel(graph, stages, dict(config.node_time_s)), config.dp_slots)
+    model = ChainModel(graph, stages, dict(config.node_time_s))
+    trees = [tree for slot_count in config.dp_slots
+             for tree in candidate_trees(ChainDP(model, slot_count), config.dp_candidates)]
     programs = {}
-    for tree in candidate_trees(dp, config.dp_candidates):
+    for tree in trees:
         saved, recomputed = complete_saved_set(graph, spine_keep(stages, tree))
         program = emit(graph, stages, tree, saved, recomputed)
         programs.setdefault(program, recompute_seconds(graph, program, config.node_time_s))
