@@ -21,7 +21,7 @@ class SolverConfig:
     # budget where checkpointing every layer costs +30.6%); 4096 alone lost DenseNet plans that
     # the coarser, more cautious model found. The candidates of both are simulated.
     dp_slots: tuple[int, ...] = (128, 4096)
-    dp_candidates: int = 32  # optimal trees (one per slot count) simulated by the chain DP
+    dp_candidates: int = 32  # slot counts per spread and discretisation whose trees are simulated
     time_limit_s: float = 30.0  # CP-SAT's wall-clock limit, heuristic warm start included
     workers: int = 2  # CP-SAT search workers (see cpsat on reproducibility)
     seed: int = 0
