@@ -52,6 +52,8 @@ from memplan.errors import InternalError
 # peak within 1.2% of the prediction, 150 went 4.6% over it, one segment 124% over it
 # (bench/results/compiled_segments_h200.md).
 OPS_PER_SEGMENT = 50
+# Inductor options on CUDA only; the module docstring says why.
+CUDA_OPTIONS = {"layout_optimization": False}
 
 
 def compile_with_inductor(gm: fx.GraphModule, example_inputs: Sequence[Any],
@@ -62,7 +64,7 @@ def compile_with_inductor(gm: fx.GraphModule, example_inputs: Sequence[Any],
     on_cuda = any(isinstance(t, torch.Tensor) and t.device.type == "cuda" for t in example_inputs)
     options = {"fallback_random": True, "loop_ordering_after_fusion": False}
     if on_cuda:
-        options["layout_optimization"] = False
+        options.update(CUDA_OPTIONS)
 
     def forward(graph: fx.GraphModule, inputs: Sequence[Any]) -> Callable[..., Any]:
         return compile_in_segments(graph, inputs, compile_fx_inner, OPS_PER_SEGMENT,

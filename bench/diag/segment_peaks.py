@@ -4,12 +4,14 @@ live when it began, measured (``max_memory_allocated``) against the segment's fx
 its own order (each value allocated when computed, freed after its last reader there).
 
     python bench/diag/segment_peaks.py MODEL BUDGET [--ops N] [--dump DIR] [--inductor-order]
+                                       [--layout-optimization]
 
 MODEL is one of bench/gpu.py's; BUDGET as ``memplan.optimize`` takes it, or ``minimum``.
 ``--dump`` writes, for the three segments that exceed their graph order most, the fx graph with
 each value's shape and bytes and the code inductor generated for it. ``--inductor-order`` leaves
 to inductor where it computes the values whose computation frees storage (see
-``memplan.inductor._values_that_free_storage``).
+``memplan.inductor._values_that_free_storage``); ``--layout-optimization`` leaves inductor's
+layout optimisation on (``memplan.inductor.CUDA_OPTIONS``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import json
 import sys
 from pathlib import Path
 
@@ -30,15 +33,20 @@ import gpu  # noqa: E402
 
 import memplan  # noqa: E402
 import memplan.inductor as inductor  # noqa: E402
+from memplan.liveness import simulate  # noqa: E402
 
 MiB = 2**20
 records: list[dict] = []  # one per segment run, in run order
-_compiled: list[tuple[fx.GraphModule, str]] = []  # the segment last compiled, and its code
+# The segment last compiled, its code, and the names of its calls before inductor rewrote it.
+_compiled: list[tuple[fx.GraphModule, str, list[str]]] = []
+_graph_segments: list["RecordedSegment"] = []  # those of the graph being compiled
 
 
-def graph_order_bytes(graph: fx.GraphModule, freed_inputs: list[bool]) -> tuple[int, int]:
-    """Peak and end bytes, relative to the start, of running ``graph`` node by node in its order;
-    an input flagged in ``freed_inputs`` is freed after its last reader, as the segments do."""
+def graph_order_timeline(graph: fx.GraphModule, freed_inputs: list[bool]
+                         ) -> tuple[list[fx.Node], list[int], list[int]]:
+    """Run ``graph`` node by node in its order: per node, the bytes live relative to the start
+    once its output is allocated, and once what it read last is freed; an input flagged in
+    ``freed_inputs`` is freed after its last reader, as the segments do."""
     nodes = list(graph.graph.nodes)
     storage_nodes: dict[object, list[fx.Node]] = collections.defaultdict(list)
     storage_bytes: dict[object, int] = {}
@@ -59,28 +67,56 @@ def graph_order_bytes(graph: fx.GraphModule, freed_inputs: list[bool]) -> tuple[
         if any(h in kept for h in holders):
             continue
         last_use[key] = max(position[u] for h in holders for u in (h, *h.users))
-    live, peak, present = 0, 0, set()
+    live, present, at, after = 0, set(), [], []
     for node in nodes:
         key = key_of.get(node)
         if node.op != "placeholder" and key is not None and key not in present:
             live += storage_bytes[key]
         if key is not None:
             present.add(key)
-        peak = max(peak, live)
+        at.append(live)
         for dead in [k for k in present if last_use.get(k) == position[node]]:
             live -= storage_bytes[dead]
             present.discard(dead)
-    return peak, live
+        after.append(live)
+    return nodes, at, after
+
+
+def graph_order_bytes(graph: fx.GraphModule, freed_inputs: list[bool]) -> tuple[int, int]:
+    """Peak and end bytes, relative to the start, of ``graph_order_timeline``."""
+    _nodes, at, after = graph_order_timeline(graph, freed_inputs)
+    return max(at, default=0), after[-1] if after else 0
+
+
+def whole_graph_order(graph: fx.GraphModule, segments: list[list[str]]) -> list[tuple[int, int]]:
+    """Per segment, the bytes live when it begins and its peak, relative to the start of the
+    whole graph run in its order: the plan's prediction of that graph. A backward graph frees
+    its inputs (saved values, tangents) after their last reader; a forward graph holds them."""
+    placeholders = list(graph.graph.find_nodes(op="placeholder"))
+    nodes, at, after = graph_order_timeline(graph, [is_backward(graph)] * len(placeholders))
+    position = {node.name: i for i, node in enumerate(nodes)}
+    result = []
+    for segment in segments:
+        members = [position[name] for name in segment]
+        first, last = min(members), max(members)
+        result.append((after[first - 1], max(at[first:last + 1])))
+    return result
+
+
+def is_backward(graph: fx.GraphModule) -> bool:
+    return any(n.name.startswith("tangents") for n in graph.graph.find_nodes(op="placeholder"))
 
 
 @dataclasses.dataclass
 class RecordedSegment(inductor._Segment):
     def __post_init__(self):
-        graph, source = _compiled.pop()
+        graph, source, self.names = _compiled.pop()
         planned_peak, planned_end = graph_order_bytes(graph, self.last_reads)
         ops = collections.Counter(str(n.target).removeprefix("aten.").split(".")[0]
                                   for n in graph.graph.nodes if n.op == "call_function")
         run = self.run
+        self.graph, self.whole = graph, None  # whole: set once its graph is compiled
+        _graph_segments.append(self)
 
         def measured(args: list) -> list:
             before = torch.cuda.memory_allocated()
@@ -89,7 +125,8 @@ class RecordedSegment(inductor._Segment):
             records.append(dict(before=before, peak=torch.cuda.max_memory_allocated() - before,
                                 end=torch.cuda.memory_allocated() - before,
                                 planned_peak=planned_peak, planned_end=planned_end,
-                                ops=ops.most_common(4), graph=graph, source=source))
+                                ops=ops.most_common(4), graph=graph, source=source,
+                                whole=self.whole, names=self.names))
             return out
 
         self.run = measured
@@ -102,6 +139,7 @@ def main() -> None:
     parser.add_argument("--ops", type=int)
     parser.add_argument("--dump", type=Path)
     parser.add_argument("--inductor-order", action="store_true")
+    parser.add_argument("--layout-optimization", action="store_true")
     args = parser.parse_args()
     if args.ops:
         inductor.OPS_PER_SEGMENT = args.ops
@@ -109,14 +147,25 @@ def main() -> None:
     inductor._Segment = RecordedSegment
     if args.inductor_order:
         inductor._values_that_free_storage = lambda graph: set()
+    if args.layout_optimization:
+        inductor.CUDA_OPTIONS = {}
     compile_in_segments = inductor.compile_in_segments
+    compiled_graphs: list[fx.GraphModule] = []
 
     def recording(graph, inputs, compile_graph, ops_per_segment, **options):
         def compile_segment(segment, examples):
+            names = [n.name for n in segment.graph.nodes if n.op == "call_function"]
             compiled = compile_graph(segment, examples)
-            _compiled.append((segment, getattr(compiled, "source_code", "")))
+            _compiled.append((segment, getattr(compiled, "source_code", ""), names))
             return compiled
-        return compile_in_segments(graph, inputs, compile_segment, ops_per_segment, **options)
+        _graph_segments.clear()
+        run = compile_in_segments(graph, inputs, compile_segment, ops_per_segment, **options)
+        graph_index = len(compiled_graphs)
+        compiled_graphs.append(graph)
+        for segment, (start, peak) in zip(_graph_segments,
+                                          whole_graph_order(graph, [s.names for s in _graph_segments])):
+            segment.whole = (graph_index, start, peak, is_backward(graph))
+        return run
 
     inductor.compile_in_segments = recording
     _title, make, _checkpointed, inputs = gpu.MODELS[args.model]
@@ -148,9 +197,62 @@ def main() -> None:
               f"| {r['peak'] / MiB:.1f} | {r['planned_peak'] / MiB:.1f} "
               f"| {(r['peak'] - r['planned_peak']) / MiB:+.1f} | {r['end'] / MiB:+.1f} "
               f"| {r['planned_end'] / MiB:+.1f} | {r['ops']} |")
+    result = plan._result()
+    print_against_whole_graphs(simulate(result.graph, result.chosen.program),
+                               args.dump / "segments.json" if args.dump else None)
     if args.dump:
         for i in excess[:3]:
             dump(args.dump, i, records[i])
+
+
+def print_against_whole_graphs(timeline, json_path: Path | None) -> None:
+    """Each segment's start and peak against its whole graph run in its order, both relative
+    to the graph's start: where the step departs from the plan, across segments or within; and
+    against the plan's simulation (``timeline``: absolute, with op scratch memory) at the same
+    nodes: its first, and the most any of them reached."""
+    simulated: dict[str, int] = {}
+    for step, live in zip(timeline.steps, timeline.live_bytes):
+        simulated.setdefault(step, live)  # the first time a node runs
+    graph_start: dict[int, int] = {}
+    for r in records:
+        graph_start.setdefault(r["whole"][0], r["before"])
+    rows = []
+    for i, r in enumerate(records):
+        index, start, peak, backward = r["whole"]
+        phase = "backward" if backward else "forward"
+        lives = [simulated[f"{phase}:{name}"] for name in r["names"] if f"{phase}:{name}" in simulated]
+        rows.append(dict(segment=i, graph=phase, start=(r["before"] - graph_start[index]) / MiB,
+                         start_in_order=start / MiB,
+                         peak=(r["before"] + r["peak"] - graph_start[index]) / MiB,
+                         peak_in_order=peak / MiB, absolute_start=r["before"] / MiB,
+                         absolute_peak=(r["before"] + r["peak"]) / MiB,
+                         simulated_first=lives[0] / MiB if lives else None,
+                         simulated_peak=max(lives) / MiB if lives else None))
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(rows, indent=1))
+    print("\nAgainst the whole graph's order (MiB above the graph's start) and the plan's "
+          "simulation (absolute MiB):\n")
+    print("| segment | graph | start | in order | peak | in order | excess | absolute start "
+          "| simulated at first node | absolute peak | simulated peak | against simulated |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    known = [row for row in rows if row["simulated_peak"] is not None]
+    top = sorted(rows, key=lambda row: -row["absolute_peak"])[:8]
+    worst = sorted(known, key=lambda row: row["simulated_peak"] - row["absolute_peak"])[:8]
+    firsts = [next(row for row in rows if row["graph"] == phase) for phase in ("forward", "backward")]
+    for row in sorted({row["segment"]: row for row in top + worst + firsts}.values(),
+                      key=lambda row: row["segment"]):
+        simulated_peak = row["simulated_peak"] or float("nan")
+        print(f"| {row['segment']} | {row['graph']} | {row['start']:.1f} | {row['start_in_order']:.1f} "
+              f"| {row['peak']:.1f} | {row['peak_in_order']:.1f} "
+              f"| {row['peak'] - row['peak_in_order']:+.1f} | {row['absolute_start']:.1f} "
+              f"| {row['simulated_first'] or float('nan'):.1f} | {row['absolute_peak']:.1f} "
+              f"| {simulated_peak:.1f} | {row['absolute_peak'] - simulated_peak:+.1f} |")
+    for phase in ("forward", "backward"):
+        mine = [row for row in rows if row["graph"] == phase]
+        print(f"\n{phase} graph: starts at {mine[0]['absolute_start']:.1f} MiB; peak above it "
+              f"measured {max(r['peak'] for r in mine):.1f}, in its order "
+              f"{max(r['peak_in_order'] for r in mine):.1f} MiB")
 
 
 def dump(directory: Path, index: int, record: dict) -> None:
