@@ -187,7 +187,7 @@ def optimize(model: torch.nn.Module, budget: Any, *, example_inputs: tuple | Non
         warnings.warn("memplan: with compile=True the predicted peak is the eager executor's; "
                       "inductor runs the plan in segments of planned order, but within a "
                       "segment it may hold values longer (on an H200, DenseNet-BC-100's least-budget "
-                      "plan measured +4.2%, over its budget; GPT-2 medium's −0.9%)",
+                      "plan measured +7.1%, over its budget; GPT-2 medium's −0.2%)",
                       stacklevel=2)
     if not isinstance(budget, (int, float, str)):
         parse_budget(budget)  # raises the error that lists the accepted forms

@@ -8,14 +8,23 @@ value reads alive until then: on DenseNet-BC-100 the backward of the least-budge
 into consecutive segments of ``OPS_PER_SEGMENT`` ops, compiled one by one: inductor fuses within
 a segment, and every value that crosses a boundary is materialised there and freed after the
 last segment that reads it, as the plan has it. Within a segment inductor may still hold a
-value longer than planned. Two ways it did so on DenseNet-BC-100 (H200) are closed on CUDA. A
-value whose computation frees a much larger storage is returned by its segment, so that
-inductor computes it in order (``_values_that_free_storage``). Inductor's layout optimisation is
-off: it gave convolutions channels-last inputs, copying a concatenation while the original was
-still alive, a copy the plan does not know of. Together they took the least-budget plan from
-14.5% to 4.2% over its prediction, still over its budget (bench/results/segment_peaks_h200.md).
-On the CPU they raised DenseNet-40's least-budget compiled peak instead (76.0 MB with neither,
-80.8 with the layout optimisation off, 83.5 with both), so there both are left to inductor.
+value longer than planned; three ways it did so are closed:
+
+- A value whose computation frees a storage much larger than itself ends its segment, so that
+  inductor computes it, and frees that storage, where the plan has it
+  (``_values_that_free_storage``). Returning it from a segment that went on was not enough:
+  inductor then fused it with its reader into one kernel writing both, while the storage was
+  alive (GPT-2 medium, +512 MiB).
+- An op that reads an input for its shape only is given an empty tensor of that shape
+  (``_pass_shapes_not_values``), since inductor frees an input no kernel reads only when its
+  segment returns.
+- On CUDA, inductor's layout optimisation is off: it gave convolutions channels-last inputs,
+  copying a concatenation while the original was still alive, a copy the plan does not know of.
+  On the CPU, where mkldnn convolutions want channels-last, it is left on.
+
+Measured at DenseNet-BC-100's least compiled budget on an H200, the step still peaks 7% above
+its prediction, and GPT-2 medium's 0.2% under it (bench/results/segment_peaks_h200.md); on the
+CPU, DenseNet-40's least-budget step peaks 2% under its prediction.
 
 Buffer updates (BatchNorm's running statistics) stay in the compiled forward as writes into the
 buffers, as torch.compile keeps them, rather than being copied back by aot_autograd's runtime,
@@ -67,13 +76,12 @@ def compile_with_inductor(gm: fx.GraphModule, example_inputs: Sequence[Any],
         options.update(CUDA_OPTIONS)
 
     def forward(graph: fx.GraphModule, inputs: Sequence[Any]) -> Callable[..., Any]:
-        return compile_in_segments(graph, inputs, compile_fx_inner, OPS_PER_SEGMENT,
-                                   return_values_that_free_storage=on_cuda)
+        return compile_in_segments(graph, inputs, compile_fx_inner, OPS_PER_SEGMENT)
 
     def backward(graph: fx.GraphModule, inputs: Sequence[Any]) -> Callable[..., Any]:
         return compile_in_segments(graph, inputs,
                                    lambda g, i: compile_fx_inner(g, i, is_backward=True),
-                                   OPS_PER_SEGMENT, return_values_that_free_storage=on_cuda)
+                                   OPS_PER_SEGMENT)
 
     context = contextlib.nullcontext()
     if TracingContext.try_get() is None:
@@ -96,34 +104,35 @@ class _Segment:
 
 def compile_in_segments(graph: fx.GraphModule, example_inputs: Sequence[Any],
                         compile_graph: Callable[..., Any],
-                        ops_per_segment: int, *,
-                        return_values_that_free_storage: bool = False) -> Callable[[list], Any]:
+                        ops_per_segment: int) -> Callable[[list], Any]:
     """Compile ``graph`` as consecutive segments and return one boxed callable that runs them.
 
     A multi-output op stays in one segment with its ``getitem`` users, so that segments pass
     tensors only. The strides each compiled segment reports for its outputs are the example
-    inputs of the next, and are reported in turn for the graph's outputs. With
-    ``return_values_that_free_storage``, a segment also returns the values of
-    ``_values_that_free_storage`` it computes, and the runner drops them.
+    inputs of the next, and are reported in turn for the graph's outputs. A segment ends early
+    at a value of ``_values_that_free_storage``.
     """
     _move_input_writes_to_their_values(graph.graph)
+    _pass_shapes_not_values(graph.graph)
     placeholders = list(graph.graph.find_nodes(op="placeholder"))
     returned = graph.graph.output_node().args[0]
     segment_of: dict[fx.Node, int] = {}  # in graph order
-    counted = 0
+    frees_storage = _values_that_free_storage(graph.graph)
+    count, in_segment = 0, ops_per_segment  # the first op starts segment 0
     for node in graph.graph.nodes:
         if node.op == "call_function" and node.target is operator.getitem:
             segment_of[node] = segment_of[node.args[0]]
         elif _writes_input(node) and node.prev in segment_of:  # placed after what it must follow
             segment_of[node] = segment_of[node.prev]
         elif node.op == "call_function":
-            segment_of[node] = counted // ops_per_segment
-            counted += 1
+            if in_segment >= ops_per_segment:
+                count, in_segment = count + 1, 0
+            segment_of[node] = count - 1
+            in_segment = ops_per_segment if node in frees_storage else in_segment + 1
         elif node.op not in ("placeholder", "get_attr", "output"):
             raise InternalError(f"aot_autograd gave inductor a graph with a {node.op} node "
                                 f"({node.name}); memplan compiles placeholders, constants and "
                                 "calls of functions only")
-    count = counted and (counted - 1) // ops_per_segment + 1
     last_read: dict[fx.Node, int] = {}
     for node, segment in segment_of.items():
         for value in node.all_input_nodes:
@@ -133,8 +142,6 @@ def compile_in_segments(graph: fx.GraphModule, example_inputs: Sequence[Any],
     constants = {node: operator.attrgetter(node.target)(graph)  # returned as they are
                  for node in graph.graph.find_nodes(op="get_attr") if last_read.get(node) == count}
 
-    frees_storage = (_values_that_free_storage(graph.graph) if return_values_that_free_storage
-                     else set())
     example = dict(zip(placeholders, example_inputs))
     stride = {node: _stride(value) for node, value in example.items()}
     members_of: list[list[fx.Node]] = [[] for _ in range(count)]
@@ -153,8 +160,7 @@ def compile_in_segments(graph: fx.GraphModule, example_inputs: Sequence[Any],
                     inputs.append(value)
             env[node] = sub.node_copy(node, env.__getitem__)
         outputs = [node for node in members if last_read.get(node, -1) > k]
-        realized = [node for node in members if node not in outputs and node in frees_storage]
-        sub.output(tuple(env[node] for node in outputs + realized))
+        sub.output(tuple(env[node] for node in outputs))
         examples = [example[value] if value in example else
                     _restrided(value.meta.get("val"), stride[value]) for value in inputs]
         with TracingContext.report_output_strides() as strides, _no_donated_buffers():
@@ -198,16 +204,50 @@ def _move_input_writes_to_their_values(graph: fx.Graph) -> None:
             after.append(node)
 
 
+# Arguments that inductor's lowering of an op reads for their size, strides and dtype only; where
+# it falls back to the ATen kernel, that kernel does not read their data either.
+_SHAPE_ONLY_ARGUMENTS = {
+    torch.ops.aten.avg_pool2d_backward.default: 1,
+    torch.ops.aten.avg_pool3d_backward.default: 1,
+}
+
+
+def _pass_shapes_not_values(graph: fx.Graph) -> None:
+    """Give an op that reads an argument for its shape only an empty tensor of that shape.
+
+    Inductor frees a segment's input after the last kernel that reads it. An input that no
+    kernel reads is never freed there: it stays alive until the segment returns, where the plan
+    frees it after its last reader. In DenseNet-BC-100's least-budget backward that held a 27 MiB
+    convolution output, the input of an ``avg_pool2d_backward``, across the convolution backward
+    after it, and set the step's peak (H200, bench/results/segment_peaks_h200.md). Inductor
+    drops the empty tensor, which no kernel reads, and the value is freed by the segment that
+    last reads its data.
+    """
+    for op, index in _SHAPE_ONLY_ARGUMENTS.items():
+        for node in graph.find_nodes(op="call_function", target=op):
+            value = node.args[index]
+            val = value.meta.get("val") if isinstance(value, fx.Node) else None
+            if not isinstance(val, torch.Tensor):
+                continue
+            with graph.inserting_before(node):
+                empty = graph.call_function(torch.ops.aten.empty_strided.default,
+                                            (list(val.shape), list(val.stride())),
+                                            {"dtype": val.dtype, "device": val.device})
+            with getattr(val, "fake_mode", None) or contextlib.nullcontext():
+                empty.meta["val"] = torch.empty_strided(val.shape, val.stride(), dtype=val.dtype,
+                                                        device=val.device)
+            node.update_arg(index, empty)
+
+
 def _values_that_free_storage(graph: fx.Graph) -> set[fx.Node]:
     """The values whose computation frees a storage more than twice their size: its last reader.
 
-    Inductor computes a pointwise value where a kernel first needs it, unless it is returned.
-    In DenseNet-BC-100's least-budget backward the sum of two slices of 54 and 51 MiB gradients
-    was computed at its convolution's backward, the end of its segment, holding both gradients
-    across the recomputation of a concatenation and its BatchNorm (that segment peaked 82 MiB
-    above its order, with a channels-last copy; 3 MiB with neither, H200). A segment returns
-    these values, so that they are computed, and the storage freed, where the plan has it.
-    Storages of placeholders and of returned values are held by the caller and never freed here.
+    Inductor computes a pointwise value where a kernel first needs it. In DenseNet-BC-100's
+    least-budget backward the sum of two slices of 54 and 51 MiB gradients was computed at its
+    convolution's backward, the end of its segment, holding both gradients across the
+    recomputation of a concatenation and its BatchNorm (H200). Each of these values ends its
+    segment. Storages of placeholders and of returned values are held by the caller and never
+    freed here.
     """
     storage_of: dict[fx.Node, StorageWeakRef] = {}
     nbytes: dict[StorageWeakRef, int] = {}

@@ -113,24 +113,47 @@ def sum_of_slices_then_other_work(gradient: torch.Tensor, x: torch.Tensor) -> tu
     return y, part.t() @ x
 
 
-def test_a_value_that_frees_a_storage_is_returned_by_its_segment():
-    """``part`` frees ``doubled``, ten times its size: its segment returns it, so that inductor
-    computes it where the plan has it instead of in the kernel of its first reader (which would
-    hold ``doubled`` across ``y``); the runner drops it."""
+def test_a_value_that_frees_a_storage_ends_its_segment():
+    """``part`` frees ``doubled``, ten times its size: its segment ends there, so that inductor
+    computes it, and frees ``doubled``, where the plan has it, instead of in the kernel of its
+    first reader (which would hold ``doubled`` across ``y``)."""
     gradient, x = torch.randn(8, 20), torch.randn(8, 8)
     graph = make_fx(sum_of_slices_then_other_work)(gradient, x)
-    returned_by: list[list[str]] = []
+    members: list[list[str]] = []
 
     def compile_graph(segment: torch.fx.GraphModule, _examples):
-        returned_by.append([n.name for n in segment.graph.output_node().args[0]])
+        members.append([n.name for n in segment.graph.nodes if n.op == "call_function"])
         return run_eagerly(segment)
 
-    compiled = compile_in_segments(graph, [gradient, x], compile_graph, ops_per_segment=100,
-                                   return_values_that_free_storage=True)
+    compiled = compile_in_segments(graph, [gradient, x], compile_graph, ops_per_segment=100)
     outputs = compiled([gradient, x])
-    assert len(outputs) == 2
-    for actual, expected in zip(outputs, sum_of_slices_then_other_work(gradient, x)):
+    for actual, expected in zip(outputs, sum_of_slices_then_other_work(gradient, x), strict=True):
         assert torch.equal(actual, expected)
     add = next(n.name for n in graph.graph.nodes if n.target is torch.ops.aten.add.Tensor)
-    assert add in returned_by[0], f"the sum should be returned where it is computed: {returned_by}"
-    assert len(returned_by[0]) == 3, "only the sum is returned beyond the graph's outputs"
+    assert len(members) == 2 and members[0][-1] == add, f"the sum should end its segment: {members}"
+
+
+def pool_backward_then_convolution(gradient: torch.Tensor, x: torch.Tensor,
+                                   weight: torch.Tensor) -> tuple[torch.Tensor]:
+    pooled = torch.ops.aten.avg_pool2d_backward(gradient, x, [2, 2], [2, 2], [0, 0], False, True,
+                                                None)
+    return (torch.nn.functional.conv2d(pooled, weight),)
+
+
+def test_an_input_read_for_its_shape_only_is_not_passed_to_its_segment():
+    """``avg_pool2d_backward`` reads ``x`` for its shape only, and inductor would hold an input
+    no kernel reads until its segment returns; the segment gets an empty tensor of that shape
+    instead, and the result is unchanged."""
+    gradient, x, weight = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 8, 8), torch.randn(5, 3, 1, 1)
+    graph = make_fx(pool_backward_then_convolution)(gradient, x, weight)
+    inputs_of: list[list[str]] = []
+
+    def compile_graph(segment: torch.fx.GraphModule, _examples):
+        inputs_of.append([n.name for n in segment.graph.find_nodes(op="placeholder")])
+        return run_eagerly(segment)
+
+    compiled = compile_in_segments(graph, [gradient, x, weight], compile_graph, ops_per_segment=100)
+    (actual,) = compiled([gradient, x, weight])
+    assert torch.equal(actual, pool_backward_then_convolution(gradient, x, weight)[0])
+    x_name = list(graph.graph.find_nodes(op="placeholder"))[1].name
+    assert len(inputs_of) == 1 and x_name not in inputs_of[0], inputs_of
