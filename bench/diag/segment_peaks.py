@@ -1,14 +1,18 @@
 """Which compiled segments set a planned step's peak, and by how much each departs from its graph
 order: per segment of memplan's compiled forward and backward, the bytes it adds above what was
 live when it began, measured (``max_memory_allocated``) against the segment's fx graph run in
-its own order (each value allocated when computed, freed after its last reader there).
+its own order (each value allocated when computed, freed after its last reader there). A
+second table puts each segment's start and peak against its whole graph run in its order and
+against the plan's own simulation at the same nodes: whether the step departs from the plan
+within segments, across them, or before the first op.
 
     python bench/diag/segment_peaks.py MODEL BUDGET [--ops N] [--dump DIR] [--inductor-order]
                                        [--layout-optimization]
 
 MODEL is one of bench/gpu.py's; BUDGET as ``memplan.optimize`` takes it, or ``minimum``.
 ``--dump`` writes, for the three segments that exceed their graph order most, the fx graph with
-each value's shape and bytes and the code inductor generated for it. ``--inductor-order`` leaves
+each value's shape and bytes and the code inductor generated for it, and every segment's row of
+the second table as ``segments.json``. ``--inductor-order`` leaves
 to inductor where it computes the values whose computation frees storage (see
 ``memplan.inductor._values_that_free_storage``); ``--layout-optimization`` leaves inductor's
 layout optimisation on (``memplan.inductor.CUDA_OPTIONS``).
