@@ -167,8 +167,8 @@ def optimize(model: torch.nn.Module, budget: Any, *, example_inputs: tuple | Non
     """Plan ``model``'s training step to fit ``budget``; see ``memplan.parse_budget`` for forms.
 
     ``method="auto"`` keeps the cheapest plan of the fast solvers (seconds, reproducible);
-    ``method="cpsat"`` starts from those and searches for up to ``time_limit_s`` more, for a
-    cheaper plan and its optimality gap.
+    ``method="cpsat"`` starts from those and searches for a cheaper plan and its optimality gap,
+    within ``time_limit_s`` in all.
 
     ``cost_model`` prices recomputation: ``"analytic"`` (a roofline, no device time) or
     ``"profile"`` (each distinct op timed once on the device, cached on disk).

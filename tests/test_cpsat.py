@@ -4,6 +4,7 @@ never worse than the fast solvers it starts from, and identical blocks found."""
 from __future__ import annotations
 
 import itertools
+import time
 
 import pytest
 import torch
@@ -120,6 +121,32 @@ def test_never_worse_than_the_fast_solvers(name):
     assert fast.feasible and schedule.feasible
     assert schedule.recompute_s <= fast.recompute_s
     assert schedule.method == "cpsat" and schedule.detail
+
+
+def test_the_warm_starts_count_against_the_time_limit(monkeypatch):
+    """The limit bounds the whole solve: the search gets what the fast solvers left of it, and
+    none when they used it all."""
+    from memplan.solvers import registry
+
+    def slow(graph, budget_bytes, *, config):
+        time.sleep(0.5)
+        return registry.FAST_SOLVERS["none"](graph, budget_bytes, config=config)
+
+    searched = []
+
+    def search(graph, budget_bytes, *, config, warm_starts):
+        searched.append(config.time_limit_s)
+        return warm_starts[0]
+
+    monkeypatch.setitem(registry.FAST_SOLVERS, "slow", slow)
+    monkeypatch.setattr(registry.cpsat, "solve", search)
+    graph = tanh_mlp(4)
+    solve("cpsat", graph, 2**62, config=config_for(graph, time_limit_s=5))
+    assert searched and searched[0] <= 4.5
+    monkeypatch.undo()
+    monkeypatch.setitem(registry.FAST_SOLVERS, "slow", slow)
+    schedule = solve("cpsat", graph, 2**62, config=config_for(graph, time_limit_s=0.4))
+    assert "no time left to search" in schedule.detail
 
 
 def test_identical_blocks_are_the_repeated_layers():

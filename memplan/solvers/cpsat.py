@@ -333,6 +333,9 @@ def solve(graph: JointGraph, budget_bytes: int, *, config: SolverConfig,
     gap, notes = None, []
     for tied in ((True, False) if ties else (False,)):
         left = config.time_limit_s - (time.perf_counter() - started)
+        if left <= 0:
+            notes.append("no time left to search")
+            break
         hint = model.assignment(graph, (best or start).program.saved)
         if tied:
             hint = model.tied(graph, hint[0], ties)
