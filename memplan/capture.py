@@ -272,14 +272,40 @@ def joint_to_ir(joint: fx.GraphModule, num_fwd_outputs: int, *, user_outputs: in
                       ambient_bytes=ambient_bytes, loss_bytes=2 * allocated_bytes(4, rounding))
 
 
+def _create_blas_workspaces(ones: torch.Tensor) -> None:
+    """Create the calling thread's cuBLAS workspaces if they do not exist yet: cuBLAS keeps one
+    per thread's handle and stream, and they stay allocated."""
+    ones.mm(ones)  # cuBLAS's own
+    torch.nn.functional.linear(ones, ones, ones[0])  # and cuBLASLt's, used by addmm with bias
+
+
+class _BackwardWorkspaces(torch.autograd.Function):
+    """Autograd runs a CUDA backward on its device thread, whose handle has workspaces of its
+    own (32 MiB and 1 MiB more on an H200, measured: ``bench/diag/step_start.py``)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        _create_blas_workspaces(grad)
+        return grad
+
+
 def _ambient_bytes(model: torch.nn.Module, flat_inputs: Sequence[Any], device: torch.device) -> int:
     """Memory on the CUDA device that the step does not own but its peak includes: other
-    tensors of the process and the cuBLAS workspaces (created here if they do not exist yet)."""
+    tensors of the process and the cuBLAS workspaces of the forward's and the backward's
+    threads (created here if they do not exist yet)."""
     if device.type != "cuda":
         return 0
-    ones = torch.ones(8, 8, device=device)
-    ones.mm(ones)  # creates the cuBLAS handle's workspace
-    torch.nn.functional.linear(ones, ones, ones[0])  # and cuBLASLt's, used by addmm with bias
+    ones = torch.ones(8, 8, device=device, requires_grad=True)
+    with torch.no_grad():
+        _create_blas_workspaces(ones)
+    # aot_autograd, which calls this, turns off autograd's device threads
+    with torch.enable_grad(), torch.autograd.set_multithreading_enabled(True):
+        _BackwardWorkspaces.apply(ones).sum().backward()
+    del ones
     owned = {StorageWeakRef(t.untyped_storage()): t.untyped_storage().nbytes()
              for t in [*model.parameters(), *model.buffers(), *_tensors(flat_inputs),
                        *(p.grad for p in model.parameters() if p.grad is not None)]

@@ -7,6 +7,7 @@ compiled, and they measure one at a time (a lock file in ``--sync``), so that no
 shares the host with a compile.
 
     python bench/diag/compiled_time.py densenet100 CONFIG [--parties N --sync DIR] [--out DIR]
+                                       [--check [--no-tf32] [--no-cudnn]]
 
 CONFIG is ``eager``, ``torch.compile[:BUDGET]`` (activation_memory_budget, default 1.0),
 ``memplan:BUDGET`` (memplan eager) or ``compiled:BUDGET[:OPS]`` (memplan compiled; BUDGET may be
@@ -14,7 +15,9 @@ CONFIG is ``eager``, ``torch.compile[:BUDGET]`` (activation_memory_budget, defau
 kernels' names, times and counts as JSON, for comparing two configurations. ``--check``
 first runs one step of the model in eager PyTorch and one of the configuration from the same
 random state, and prints how far the loss and gradients differ (dropout masks drawn otherwise
-would show as a different loss).
+would show as a different loss); ``--no-tf32`` runs convolutions and matmuls in full fp32,
+``--no-cudnn`` ATen's kernels where eager would call cuDNN (BatchNorm's above all: memplan's
+graphs call ATen's).
 """
 
 from __future__ import annotations
@@ -108,7 +111,15 @@ def main() -> None:
     parser.add_argument("--sync", type=Path, default=Path("/tmp/compiled_time_sync"))
     parser.add_argument("--out", type=Path)
     parser.add_argument("--check", action="store_true")
+    parser.add_argument("--no-tf32", action="store_true",
+                        help="convolutions and matmuls in full fp32 (cuDNN's default is TF32)")
+    parser.add_argument("--no-cudnn", action="store_true",
+                        help="ATen's kernels where eager PyTorch would call cuDNN")
     args = parser.parse_args()
+    if args.no_tf32:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    if args.no_cudnn:
+        torch.backends.cudnn.enabled = False
     _title, make, _checkpointed, inputs = gpu.MODELS[args.model]
     torch.manual_seed(0)
     model, x = make().cuda(), inputs()
