@@ -22,9 +22,14 @@ value longer than planned; three ways it did so are closed:
   copying a concatenation while the original was still alive, a copy the plan does not know of.
   On the CPU, where mkldnn convolutions want channels-last, it is left on.
 
-Measured at DenseNet-BC-100's least compiled budget on an H200, the step still peaks 7% above
-its prediction, and GPT-2 medium's 0.2% under it (bench/results/segment_peaks_h200.md); on the
-CPU, DenseNet-40's least-budget step peaks 2% under its prediction.
+Measured at their least compiled budgets on an H200, DenseNet-BC-100's step peaks 1.9% under
+its prediction with TF32 convolutions (6.0% over it in full fp32) and GPT-2 medium's 0.6% under
+it (bench/results/segment_peaks_h200.md, exactness_h200.md); on the CPU, DenseNet-40's
+least-budget step peaks 2% under its prediction.
+
+Segments with the same ops on the same shapes, strides and dtypes (the repeated layers of a
+deep network) share one compilation (``_segment_key``). Inductor's own FX graph cache would
+do so, but it passes over graphs traced without a shape environment, as memplan's are.
 
 Buffer updates (BatchNorm's running statistics) stay in the compiled forward as writes into the
 buffers, as torch.compile keeps them, rather than being copied back by aot_autograd's runtime,
@@ -50,6 +55,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 from torch._functorch.aot_autograd import aot_module_simplified
 from torch._guards import TracingContext, detect_fake_mode, tracing
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -61,6 +67,9 @@ from memplan.errors import InternalError
 # peak within 1.2% of the prediction, 150 went 4.6% over it, one segment 124% over it
 # (bench/results/compiled_segments_h200.md).
 OPS_PER_SEGMENT = 50
+# Structurally identical segments share one compilation (``_segment_key``); off to compile every
+# segment, as a diagnostic that inspects each one's code needs.
+REUSE_IDENTICAL_SEGMENTS = True
 # Inductor options on CUDA only; the module docstring says why.
 CUDA_OPTIONS = {"layout_optimization": False}
 
@@ -148,6 +157,7 @@ def compile_in_segments(graph: fx.GraphModule, example_inputs: Sequence[Any],
     for node, segment in segment_of.items():
         members_of[segment].append(node)
     segments = []
+    compiled: dict[str, tuple[Callable[[list], Any], list | None]] = {}
     for k, members in enumerate(members_of):
         sub, env, inputs = fx.Graph(), {}, []
         for node in members:
@@ -163,8 +173,14 @@ def compile_in_segments(graph: fx.GraphModule, example_inputs: Sequence[Any],
         sub.output(tuple(env[node] for node in outputs))
         examples = [example[value] if value in example else
                     _restrided(value.meta.get("val"), stride[value]) for value in inputs]
-        with TracingContext.report_output_strides() as strides, _no_donated_buffers():
-            run = compile_graph(fx.GraphModule(graph, sub), examples)
+        key = _segment_key(sub, examples) if REUSE_IDENTICAL_SEGMENTS else None
+        if key is None or key not in compiled:
+            with TracingContext.report_output_strides() as strides, _no_donated_buffers():
+                run = compile_graph(fx.GraphModule(graph, sub), examples)
+            if key is not None:
+                compiled[key] = run, strides
+        else:
+            run, strides = compiled[key]
         stride.update(zip(outputs, strides or [None] * len(outputs)))
         segments.append(_Segment(run, inputs, [last_read[v] == k for v in inputs], outputs))
     context = TracingContext.try_get()
@@ -299,6 +315,48 @@ def _no_donated_buffers() -> Iterator[None]:
         yield
     finally:
         metadata.bw_donated_idxs = whole_graph
+
+
+class _Position:
+    """A value of a segment, named by its position, for ``_segment_key``."""
+
+    def __init__(self, index: int):
+        self.index = index
+
+    def __repr__(self) -> str:
+        return f"%{self.index}"
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return (f"{value.dtype}{list(value.shape)}{list(value.stride())}@{value.device}"
+                f"+{value.storage_offset()}{'g' if value.requires_grad else ''}")
+    if isinstance(value, (tuple, list)):
+        return f"({','.join(map(_describe, value))})"
+    return type(value).__name__ if value is None or isinstance(value, torch.Generator) else repr(value)
+
+
+def _segment_key(sub: fx.Graph, examples: Sequence[Any]) -> str | None:
+    """What compiling a segment depends on: its ops, their arguments with the values they read
+    named by position, each value's dtype, shape and strides, and its inputs', with which of
+    them share a storage. Segments with equal keys compile to the same code, so the repeated
+    layers of a deep network compile once. None where an argument is a tensor, whose value a
+    key cannot hold."""
+    first_of_storage: dict[StorageWeakRef, int] = {}  # by position: inputs sharing a storage
+    lines = []
+    for i, example in enumerate(examples):
+        shared = ""
+        if isinstance(example, torch.Tensor):
+            shared = f" in {first_of_storage.setdefault(StorageWeakRef(example.untyped_storage()), i)}"
+        lines.append(_describe(example) + shared)
+    position = {node: _Position(i) for i, node in enumerate(sub.nodes)}
+    for node in sub.nodes:
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), position.__getitem__)
+        if any(isinstance(a, torch.Tensor) for a in pytree.tree_leaves((args, kwargs))):
+            return None
+        target = "" if node.op == "placeholder" else node.target  # a placeholder's is its name
+        lines.append(f"{node.op} {target} {args!r} {kwargs!r} {_describe(node.meta.get('val'))}")
+    return "\n".join(lines)
 
 
 def _stride(value: Any) -> tuple[int, ...] | None:

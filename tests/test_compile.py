@@ -12,10 +12,11 @@ import pytest
 import torch
 
 import memplan
+import memplan.inductor
 from memplan.passes.dropout import replay
 from memplan.sac import op_name
 from harness import eager_twin, float_leaves, run_step
-from zoo import build
+from zoo import Case, build
 
 pytest.importorskip("torch._inductor.compile_fx")
 NORM_RTOL, ELEMENT_ATOL = 1e-5, 1e-5
@@ -75,6 +76,26 @@ def test_compiled_saved_values_keep_inductors_layout():
     plan = memplan.optimize(case.model, 1.0, example_inputs=case.args, method="log", compile=True)
     assert plan.program.recomputed
     assert_steps_match(plan.module, case, eager, rtol=1e-3)
+
+
+def test_repeated_layers_share_compiled_segments(monkeypatch):
+    """Six identical Linear-BatchNorm-ReLU layers, in segments of five ops that fall alike on
+    each: most segments reuse an earlier one's compilation, with their own weights and
+    buffers, and the step still equals eager's."""
+    torch.manual_seed(0)
+    layers = [torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.BatchNorm1d(16),
+                                  torch.nn.ReLU()) for _ in range(6)]
+    case = Case(torch.nn.Sequential(*layers, torch.nn.Linear(16, 4)), (torch.randn(32, 16),))
+    eager = eager_twin(case)
+    keys = []
+    segment_key = memplan.inductor._segment_key
+    monkeypatch.setattr(memplan.inductor, "OPS_PER_SEGMENT", 5)
+    monkeypatch.setattr(memplan.inductor, "_segment_key",
+                        lambda *args: keys.append(segment_key(*args)) or keys[-1])
+    plan = memplan.optimize(case.model, 1.0, example_inputs=case.args, method="sqrt", compile=True)
+    assert plan.program.recomputed
+    assert len(set(keys)) < len(keys) / 2, f"{len(set(keys))} compilations for {len(keys)} segments"
+    assert_steps_match(plan.module, case, eager)
 
 
 def test_compiled_step_updates_buffers_inside_its_graphs():

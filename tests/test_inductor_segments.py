@@ -157,3 +157,49 @@ def test_an_input_read_for_its_shape_only_is_not_passed_to_its_segment():
     assert torch.equal(actual, pool_backward_then_convolution(gradient, x, weight)[0])
     x_name = list(graph.graph.find_nodes(op="placeholder"))[1].name
     assert len(inputs_of) == 1 and x_name not in inputs_of[0], inputs_of
+
+
+def three_layers(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+                 w3: torch.Tensor) -> tuple[torch.Tensor]:
+    for w in (w1, w2, w3):
+        x = (x @ w).relu().sin()
+    return (x,)
+
+
+def test_identical_segments_are_compiled_once():
+    """The first two layers are the same ops on the same shapes: one compilation runs both.
+    The third has another shape and is compiled apart."""
+    x, w1, w2, w3 = torch.randn(16, 8), torch.randn(8, 8), torch.randn(8, 8), torch.randn(8, 4)
+    graph = make_fx(three_layers)(x, w1, w2, w3)
+    compiled_shapes: list[list[tuple]] = []
+
+    def compile_graph(segment: torch.fx.GraphModule, examples):
+        compiled_shapes.append([tuple(e.shape) for e in examples])
+        return run_eagerly(segment)
+
+    compiled = compile_in_segments(graph, [x, w1, w2, w3], compile_graph, ops_per_segment=3)
+    (actual,) = compiled([x, w1, w2, w3])
+    assert torch.equal(actual, three_layers(x, w1, w2, w3)[0])
+    assert compiled_shapes == [[(16, 8), (8, 8)], [(16, 8), (8, 4)]], compiled_shapes
+
+
+def scaled_layers(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor]:
+    for scale in (2.0, 3.0):
+        x = (x @ w).relu() * scale
+    return (x,)
+
+
+def test_segments_that_differ_in_a_scalar_are_compiled_apart():
+    x, w = torch.randn(16, 8), torch.randn(8, 8)
+    graph = make_fx(scaled_layers)(x, w)
+    count = 0
+
+    def compile_graph(segment: torch.fx.GraphModule, _examples):
+        nonlocal count
+        count += 1
+        return run_eagerly(segment)
+
+    compiled = compile_in_segments(graph, [x, w], compile_graph, ops_per_segment=3)
+    (actual,) = compiled([x, w])
+    assert torch.equal(actual, scaled_layers(x, w)[0])
+    assert count == 2

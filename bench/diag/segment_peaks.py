@@ -149,6 +149,7 @@ def main() -> None:
         inductor.OPS_PER_SEGMENT = args.ops
     torch._inductor.config.force_disable_caches = True  # a cached graph compiles no segments
     inductor._Segment = RecordedSegment
+    inductor.REUSE_IDENTICAL_SEGMENTS = False  # each segment's own code is recorded
     if args.inductor_order:
         inductor._values_that_free_storage = lambda graph: set()
     if args.layout_optimization:
