@@ -58,14 +58,15 @@ def main() -> None:
         segment_count += 1
         return segment_key(*key_args)
 
-    inductor._segment_key = counting_key
+    inductor._segment_key = counting_key  # called once per segment where reuse is on
     compilations = 0
     import torch._inductor.compile_fx as compile_fx
     compile_inner = compile_fx.compile_fx_inner
 
     def counting_compile(graph, inputs, **options):
-        nonlocal compilations
+        nonlocal compilations, segment_count
         compilations += 1
+        segment_count += args.no_reuse
         if args.count_only:
             return lambda boxed_args: None
         return compile_inner(graph, inputs, **options)
