@@ -4,9 +4,9 @@ time, on the CPU: memplan's compiled path with and without ``REUSE_IDENTICAL_SEG
     python bench/diag/segment_reuse.py MODEL [--budget 50%] [--batch N] [--count-only] [--no-reuse]
 
 MODEL is ``densenet100``, ``gpt2m`` or ``resnetD`` (pre-activation ResNet of depth D, e.g.
-resnet164, resnet1001). ``--count-only`` replaces inductor's compiler by a stub, to count
-the forward's and backward's segments and compilations in the time of planning alone. Inductor's caches are off, so every
-run compiles from scratch.
+resnet164, resnet1001). ``--count-only`` replaces inductor's compiler by a stub, to count the
+forward's and backward's segments and compilations in the time of planning alone. Inductor's
+caches are off, so every run compiles from scratch.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch._inductor.compile_fx as compile_fx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
@@ -60,13 +61,11 @@ def main() -> None:
 
     inductor._segment_key = counting_key  # called once per segment where reuse is on
     compilations = 0
-    import torch._inductor.compile_fx as compile_fx
     compile_inner = compile_fx.compile_fx_inner
 
     def counting_compile(graph, inputs, **options):
-        nonlocal compilations, segment_count
+        nonlocal compilations
         compilations += 1
-        segment_count += args.no_reuse
         if args.count_only:
             return lambda boxed_args: None
         return compile_inner(graph, inputs, **options)
@@ -74,17 +73,20 @@ def main() -> None:
     compile_fx.compile_fx_inner = counting_compile
     torch.manual_seed(0)
     model, x = build(args.model, args.batch or (8 if args.model == "gpt2m" else 64))
+    def counts() -> str:  # without reuse, each segment is a compilation
+        segments = compilations if args.no_reuse else segment_count
+        return f"{segments} segments, {compilations} compilations"
+
     start = time.perf_counter()
     plan = memplan.optimize(model, args.budget, example_inputs=(x,), compile=True)
     line = (f"{args.model} at {args.budget}, reuse {'off' if args.no_reuse else 'on'}: "
-            f"plan and compile {time.perf_counter() - start:.1f} s, {segment_count} segments, "
-            f"{compilations} compilations")
+            f"plan and compile {time.perf_counter() - start:.1f} s, {counts()}")
     if not args.count_only:  # the backward, which aot_autograd compiles at the first step
         start = time.perf_counter()
         core.step(plan.module, x)
-        line += (f"; first step {time.perf_counter() - start:.1f} s, {segment_count} segments, "
-                 f"{compilations} compilations in all")
+        line += f"; first step {time.perf_counter() - start:.1f} s, {counts()} in all"
     print(line, flush=True)
+
 
 if __name__ == "__main__":
     main()
