@@ -8,7 +8,7 @@ value reads alive until then: on DenseNet-BC-100 the backward of the least-budge
 into consecutive segments of ``OPS_PER_SEGMENT`` ops, compiled one by one: inductor fuses within
 a segment, and every value that crosses a boundary is materialised there and freed after the
 last segment that reads it, as the plan has it. Within a segment inductor may still hold a
-value longer than planned; three ways it did so are closed:
+value longer than planned; four ways it did so are closed:
 
 - A value whose computation frees a storage much larger than itself ends its segment, so that
   inductor computes it, and frees that storage, where the plan has it
@@ -21,9 +21,18 @@ value longer than planned; three ways it did so are closed:
 - On CUDA, inductor's layout optimisation is off: it gave convolutions channels-last inputs,
   copying a concatenation while the original was still alive, a copy the plan does not know of.
   On the CPU, where mkldnn convolutions want channels-last, it is left on.
+- On CUDA, each segment returns its values with the strides the plan traced them with, as
+  inductor returns a model's own outputs (``_keep_planned_strides``). Inductor otherwise
+  chooses the strides of what it returns, and later segments follow them: DenseNet-BC-100's
+  backward gave a 1x1 convolution's backward a channels-last input beside a contiguous
+  gradient, and cuDNN took 66-72 MiB of scratch memory in full fp32 where the plan had
+  measured none for the traced layouts (bench/results/segment_peaks_h200.md). Not on the CPU,
+  where inductor's layout optimisation still gives convolutions channels-last layouts within a
+  segment, and mkldnn rounded a convolution's input gradient differently on the mixed layouts
+  this gave (3.8e-3 of its norm on DenseNet-40).
 
 Measured at their least compiled budgets on an H200, DenseNet-BC-100's step peaks 1.9% under
-its prediction with TF32 convolutions (6.0% over it in full fp32) and GPT-2 medium's 0.6% under
+its prediction with TF32 convolutions (3.3% over it in full fp32) and GPT-2 medium's 0.6% under
 it (bench/results/segment_peaks_h200.md, exactness_h200.md); on the CPU, DenseNet-40's
 least-budget step peaks 2% under its prediction.
 
@@ -85,12 +94,13 @@ def compile_with_inductor(gm: fx.GraphModule, example_inputs: Sequence[Any],
         options.update(CUDA_OPTIONS)
 
     def forward(graph: fx.GraphModule, inputs: Sequence[Any]) -> Callable[..., Any]:
-        return compile_in_segments(graph, inputs, compile_fx_inner, OPS_PER_SEGMENT)
+        return compile_in_segments(graph, inputs, compile_fx_inner, OPS_PER_SEGMENT,
+                                   planned_strides=on_cuda)
 
     def backward(graph: fx.GraphModule, inputs: Sequence[Any]) -> Callable[..., Any]:
         return compile_in_segments(graph, inputs,
                                    lambda g, i: compile_fx_inner(g, i, is_backward=True),
-                                   OPS_PER_SEGMENT)
+                                   OPS_PER_SEGMENT, planned_strides=on_cuda)
 
     context = contextlib.nullcontext()
     if TracingContext.try_get() is None:
@@ -112,14 +122,15 @@ class _Segment:
 
 
 def compile_in_segments(graph: fx.GraphModule, example_inputs: Sequence[Any],
-                        compile_graph: Callable[..., Any],
-                        ops_per_segment: int) -> Callable[[list], Any]:
+                        compile_graph: Callable[..., Any], ops_per_segment: int, *,
+                        planned_strides: bool = False) -> Callable[[list], Any]:
     """Compile ``graph`` as consecutive segments and return one boxed callable that runs them.
 
     A multi-output op stays in one segment with its ``getitem`` users, so that segments pass
     tensors only. The strides each compiled segment reports for its outputs are the example
     inputs of the next, and are reported in turn for the graph's outputs. A segment ends early
-    at a value of ``_values_that_free_storage``.
+    at a value of ``_values_that_free_storage``. With ``planned_strides`` each segment returns
+    its values with the strides of ``graph`` (``_keep_planned_strides``).
     """
     _move_input_writes_to_their_values(graph.graph)
     _pass_shapes_not_values(graph.graph)
@@ -170,7 +181,9 @@ def compile_in_segments(graph: fx.GraphModule, example_inputs: Sequence[Any],
                     inputs.append(value)
             env[node] = sub.node_copy(node, env.__getitem__)
         outputs = [node for node in members if last_read.get(node, -1) > k]
-        sub.output(tuple(env[node] for node in outputs))
+        returned_node = sub.output(tuple(env[node] for node in outputs))
+        if planned_strides:
+            _keep_planned_strides(returned_node, outputs)
         examples = [example[value] if value in example else
                     _restrided(value.meta.get("val"), stride[value]) for value in inputs]
         key = _segment_key(sub, examples) if REUSE_IDENTICAL_SEGMENTS else None
@@ -200,6 +213,13 @@ def compile_in_segments(graph: fx.GraphModule, example_inputs: Sequence[Any],
 
     run_segments._boxed_call = True
     return run_segments
+
+
+def _keep_planned_strides(output: fx.Node, values: list[fx.Node]) -> None:
+    """Have inductor return ``values`` with the strides they have in the planned graph, by
+    marking them as a model's outputs ("user visible"), whose strides it keeps."""
+    output.meta["user_visible_output_idxs"] = list(range(len(values)))
+    output.meta["original_output_strides"] = [_stride(v.meta.get("val")) for v in values]
 
 
 def _move_input_writes_to_their_values(graph: fx.Graph) -> None:

@@ -7,15 +7,21 @@ against the plan's own simulation at the same nodes: whether the step departs fr
 within segments, across them, or before the first op.
 
     python bench/diag/segment_peaks.py MODEL BUDGET [--ops N] [--dump DIR] [--inductor-order]
-                                       [--layout-optimization]
+                                       [--layout-optimization] [--no-tf32] [--probe K]
 
 MODEL is one of bench/gpu.py's; BUDGET as ``memplan.optimize`` takes it, or ``minimum``.
-``--dump`` writes, for the three segments that exceed their graph order most, the fx graph with
+Each segment's returned value that inductor gives other strides than the planned graph's is
+printed as it compiles (``stride change``). ``--dump`` writes, for the three segments that
+exceed their graph order most and the probed ones, the fx graph with
 each value's shape and bytes and the code inductor generated for it, and every segment's row of
 the second table as ``segments.json``. ``--inductor-order`` leaves
 to inductor where it computes the values whose computation frees storage (see
 ``memplan.inductor._values_that_free_storage``); ``--layout-optimization`` leaves inductor's
-layout optimisation on (``memplan.inductor.CUDA_OPTIONS``).
+layout optimisation on (``memplan.inductor.CUDA_OPTIONS``); ``--no-tf32`` runs convolutions and
+matmuls in full fp32, for planning and step alike. ``--probe K`` runs one more step in which the K
+backward segments furthest above the plan's simulation also run their fx graph op by op, eagerly,
+on copies of their inputs: each op's scratch memory (its peak beyond its output) against the
+workspace the plan measured for it, with its tensor arguments' strides and offsets.
 """
 
 from __future__ import annotations
@@ -25,10 +31,13 @@ import collections
 import dataclasses
 import json
 import sys
+import threading
 from pathlib import Path
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
+from torch._guards import TracingContext
 from torch.multiprocessing.reductions import StorageWeakRef
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -37,6 +46,7 @@ import gpu  # noqa: E402
 
 import memplan  # noqa: E402
 import memplan.inductor as inductor  # noqa: E402
+from memplan.cost_models.workspace import call_workspace, real_argument  # noqa: E402
 from memplan.liveness import simulate  # noqa: E402
 
 MiB = 2**20
@@ -120,9 +130,11 @@ class RecordedSegment(inductor._Segment):
                                   for n in graph.graph.nodes if n.op == "call_function")
         run = self.run
         self.graph, self.whole = graph, None  # whole: set once its graph is compiled
+        self.probe, self.probe_rows = False, []
         _graph_segments.append(self)
 
         def measured(args: list) -> list:
+            copies = copy_arguments(args) if self.probe else None
             before = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
             out = run(args)
@@ -130,10 +142,78 @@ class RecordedSegment(inductor._Segment):
                                 end=torch.cuda.memory_allocated() - before,
                                 planned_peak=planned_peak, planned_end=planned_end,
                                 ops=ops.most_common(4), graph=graph, source=source,
-                                whole=self.whole, names=self.names))
+                                whole=self.whole, names=self.names, segment=self))
+            if copies is not None:
+                self.probe_rows = op_scratch(graph, copies)
             return out
 
         self.run = measured
+
+
+def report_stride_changes(traced: list[tuple], strides: list) -> None:
+    """Print a segment's returned values (name, op, traced value) whose compiled strides differ
+    from their traced ones, and pass the strides on to ``compile_in_segments``, which reads
+    them from the context."""
+    for (name, op, val), stride in zip(traced, strides):
+        if isinstance(val, torch.Tensor) and stride is not None and tuple(stride) != val.stride():
+            print(f"stride change: {name} = {op} {tuple(val.shape)} {val.stride()} -> {tuple(stride)}")
+    context = TracingContext.try_get()
+    if context is not None and context.output_strides is not None:
+        context.output_strides.extend(strides)
+
+
+def copy_arguments(args: list) -> list:
+    """Copies of a segment's arguments with their strides and offsets; arguments sharing a
+    storage share the copy."""
+    storages: dict[int, torch.Tensor] = {}
+    copies = []
+    for a in args:
+        if not isinstance(a, torch.Tensor):
+            copies.append(a)
+            continue
+        storage = a.untyped_storage()
+        if storage.data_ptr() not in storages:
+            flat = torch.empty(storage.nbytes(), dtype=torch.uint8, device=a.device)
+            flat.copy_(torch.empty(0, dtype=torch.uint8, device=a.device).set_(storage))
+            storages[storage.data_ptr()] = flat
+        base = storages[storage.data_ptr()].view(a.dtype)
+        copies.append(base.as_strided(a.shape, a.stride(), a.storage_offset()))
+    return copies
+
+
+def op_scratch(graph: fx.GraphModule, inputs: list) -> list[dict]:
+    """Run ``graph`` eagerly op by op; per op, the bytes it reached beyond what was allocated
+    once it returned (scratch), and its tensor arguments' layout."""
+    rows = []
+
+    class Probe(fx.Interpreter):
+        def run_node(self, node):
+            if node.op != "call_function":
+                return super().run_node(node)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            result = super().run_node(node)
+            torch.cuda.synchronize()
+            scratch = torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated()
+            layouts = [(tuple(a.shape), a.stride(), a.storage_offset(), a.data_ptr() % 256)
+                       for a in self.fetch_args_kwargs_from_env(node)[0]
+                       if isinstance(a, torch.Tensor)]
+            row = dict(name=node.name, op=str(node.target), scratch=scratch, layouts=layouts)
+            if scratch > MiB:  # the plan's measurement of this call, here and on a new thread
+                args, kwargs = pytree.tree_map(lambda v: real_argument(v, v.device)
+                                               if isinstance(v, torch.Tensor) else v,
+                                               self.fetch_args_kwargs_from_env(node))
+                device = torch.device("cuda")
+                row["here"] = call_workspace(node.target, args, kwargs, device)
+                thread = threading.Thread(target=lambda: row.update(
+                    new_thread=call_workspace(node.target, args, kwargs, device)))
+                thread.start()
+                thread.join()
+            rows.append(row)
+            return result
+
+    Probe(graph).run(*inputs)
+    return rows
 
 
 def main() -> None:
@@ -144,7 +224,11 @@ def main() -> None:
     parser.add_argument("--dump", type=Path)
     parser.add_argument("--inductor-order", action="store_true")
     parser.add_argument("--layout-optimization", action="store_true")
+    parser.add_argument("--no-tf32", action="store_true")
+    parser.add_argument("--probe", type=int, default=0)
     args = parser.parse_args()
+    if args.no_tf32:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     if args.ops:
         inductor.OPS_PER_SEGMENT = args.ops
     torch._inductor.config.force_disable_caches = True  # a cached graph compiles no segments
@@ -160,7 +244,10 @@ def main() -> None:
     def recording(graph, inputs, compile_graph, ops_per_segment, **options):
         def compile_segment(segment, examples):
             names = [n.name for n in segment.graph.nodes if n.op == "call_function"]
-            compiled = compile_graph(segment, examples)
+            traced = [(v.name, v.target, v.meta.get("val")) for v in segment.graph.output_node().args[0]]
+            with TracingContext.report_output_strides() as strides:
+                compiled = compile_graph(segment, examples)
+            report_stride_changes(traced, strides or [])
             _compiled.append((segment, getattr(compiled, "source_code", ""), names))
             return compiled
         _graph_segments.clear()
@@ -203,11 +290,46 @@ def main() -> None:
               f"| {(r['peak'] - r['planned_peak']) / MiB:+.1f} | {r['end'] / MiB:+.1f} "
               f"| {r['planned_end'] / MiB:+.1f} | {r['ops']} |")
     result = plan._result()
-    print_against_whole_graphs(simulate(result.graph, result.chosen.program),
-                               args.dump / "segments.json" if args.dump else None)
+    rows = print_against_whole_graphs(simulate(result.graph, result.chosen.program),
+                                      args.dump / "segments.json" if args.dump else None)
+    worst = sorted((row for row in rows if row["graph"] == "backward" and row["simulated_peak"]),
+                   key=lambda row: row["simulated_peak"] - row["absolute_peak"])[:args.probe]
     if args.dump:
-        for i in excess[:3]:
+        for i in sorted({*excess[:3], *(row["segment"] for row in worst)}):
             dump(args.dump, i, records[i])
+    if worst:
+        joint = next(iter(plan.module._steps.values()))[0].fx_joint
+        print_probes([records[row["segment"]] for row in worst], result.graph, joint, plan.module, x)
+
+
+def print_probes(probed: list[dict], graph, joint: fx.GraphModule, module: torch.nn.Module,
+                 x: torch.Tensor) -> None:
+    """One more step, the probed segments running their ops eagerly too: per op with scratch
+    memory, measured against the plan's workspace, and the plan's measurement repeated on
+    random arguments of the same layout on this thread (autograd's) and on a new one; with the
+    layout the joint graph, which the plan measured, gives the same op's arguments."""
+    joint_nodes = {node.name: node for node in joint.graph.nodes}
+    for record in probed:
+        record["segment"].probe = True
+    core.step(module, x)
+    for record in probed:
+        segment = record["segment"]
+        print(f"\nSegment of {segment.names[0]}..{segment.names[-1]}: ops with scratch memory, "
+              "eager on copies of its inputs (MiB), against the plan's workspace")
+        print("| op | target | scratch | planned workspace | measured so here | on a new thread "
+              "| tensor arguments (shape, stride, offset, address mod 256) | in the joint graph |")
+        print("|---|---|---|---|---|---|---|---|")
+        for row in segment.probe_rows:
+            planned = graph[row["name"]].workspace_bytes if row["name"] in graph.index else None
+            if row["scratch"] > MiB or (planned or 0) > MiB:
+                node = joint_nodes.get(row["name"])
+                in_joint = node and [(tuple(a.meta["val"].shape), a.meta["val"].stride())
+                                     for a in node.all_input_nodes
+                                     if isinstance(a.meta.get("val"), torch.Tensor)]
+                print(f"| {row['name']} | {row['op']} | {row['scratch'] / MiB:.1f} | "
+                      f"{'–' if planned is None else f'{planned / MiB:.1f}'} "
+                      f"| {row.get('here', 0) / MiB:.1f} | {row.get('new_thread', 0) / MiB:.1f} "
+                      f"| {row['layouts']} | {in_joint} |")
 
 
 def print_against_whole_graphs(timeline, json_path: Path | None) -> None:
@@ -258,6 +380,7 @@ def print_against_whole_graphs(timeline, json_path: Path | None) -> None:
         print(f"\n{phase} graph: starts at {mine[0]['absolute_start']:.1f} MiB; peak above it "
               f"measured {max(r['peak'] for r in mine):.1f}, in its order "
               f"{max(r['peak_in_order'] for r in mine):.1f} MiB")
+    return rows
 
 
 def dump(directory: Path, index: int, record: dict) -> None:

@@ -56,6 +56,19 @@ def _storages(value: Any) -> dict[int, int]:
             for t in pytree.tree_leaves(value) if isinstance(t, torch.Tensor)}
 
 
+def call_workspace(op: Any, args: Any, kwargs: Any, device: torch.device) -> int:
+    """The bytes one call of ``op`` reaches beyond what is allocated before it and its new outputs."""
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    out = op(*args, **kwargs)
+    torch.cuda.synchronize(device)
+    inputs = _storages((args, kwargs))
+    outputs = sum(allocated_bytes(nbytes, CUDA_ALLOCATOR_ROUNDING)
+                  for ptr, nbytes in _storages(out).items() if ptr not in inputs)
+    return max(0, torch.cuda.max_memory_allocated(device) - before - outputs)
+
+
 def measure_workspaces(joint: fx.GraphModule, device: torch.device) -> dict[str, int]:
     """Workspace bytes per node name, for the ops of the joint graph on ``device``."""
     if device.type != "cuda":
@@ -69,15 +82,7 @@ def measure_workspaces(joint: fx.GraphModule, device: torch.device) -> dict[str,
         if key not in by_key:
             args, kwargs = pytree.tree_map_only(
                 fx.Node, lambda n: real_argument(n.meta.get("val"), device), (node.args, node.kwargs))
-            torch.cuda.synchronize(device)
-            before = torch.cuda.memory_allocated(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            out = node.target(*args, **kwargs)
-            torch.cuda.synchronize(device)
-            inputs = _storages((args, kwargs))
-            outputs = sum(allocated_bytes(nbytes, CUDA_ALLOCATOR_ROUNDING)
-                          for ptr, nbytes in _storages(out).items() if ptr not in inputs)
-            by_key[key] = max(0, torch.cuda.max_memory_allocated(device) - before - outputs)
-            del args, kwargs, out
+            by_key[key] = call_workspace(node.target, args, kwargs, device)
+            del args, kwargs
         result[node.name] = by_key[key]
     return result
