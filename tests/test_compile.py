@@ -148,16 +148,15 @@ def test_torch_compile_backend_refuses_a_graph_break():
         compiled(torch.randn(4, 8)).sum().backward()
 
 
-
-
 def test_segments_return_the_strides_the_plan_traced(monkeypatch):
     """With planned strides (memplan's setting on CUDA) every segment returns its values with
     the strides of the planned graph, so that later ops, convolutions above all, get the layouts
     the plan measured them with; without it inductor returns 369 of DenseNet-40's values
     channels-last on this CPU. Inductor still gives this CPU's convolutions channels-last
     layouts inside a segment (its layout optimisation, off on CUDA), and mkldnn then rounds a
-    convolution's input gradient differently on the mixed layouts (3.8e-3 of its norm here), so
-    the gradients are held to 1% of their norm: a wrong layout or value is off by all of it."""
+    convolution's input gradient differently on the mixed layouts (3.8e-3 of its norm in one
+    segment at method none), so the gradients are held to 1% of their norm: a wrong layout or
+    value is off by all of it."""
     from torch._guards import TracingContext
 
     changed = []
