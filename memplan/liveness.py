@@ -86,6 +86,15 @@ def _keys(graph: JointGraph, name: str, instance: int, input_keys: list[tuple[_K
     return tuple(out)
 
 
+def forward_end_bytes(graph: JointGraph, program: Program) -> int:
+    """A lower bound of ``simulate(graph, program).peak_bytes``, without the simulation: the
+    bytes live as the forward ends, when every saved value and forward output is held."""
+    resident = graph._primal_storages
+    held = {s for name in (*program.saved, *graph.forward_outputs) for s in graph[name].storages
+            if s not in resident}
+    return graph.resident_bytes + sum(graph.storages[s].nbytes for s in held)
+
+
 def simulate(graph: JointGraph, program: Program) -> Timeline:
     ledger = _Ledger(graph)
     steps: list[str] = []

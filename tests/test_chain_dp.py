@@ -139,3 +139,32 @@ def test_at_the_unplanned_peak_nothing_is_recomputed(name):
     made it recompute 3.7% instead."""
     ((_, _, overhead),) = sweep(build(name), "chain-dp", [1.0])
     assert overhead == 0.0
+
+
+@pytest.mark.parametrize("name", ["preact_resnet29", "densenet40"])
+def test_skipping_programs_whose_forward_ends_over_budget_changes_no_schedule(name, monkeypatch):
+    """``evaluate_all`` simulates a program whose forward alone ends above the budget only if
+    nothing else fits. That bytes count is a lower bound of the simulated peak, so the fast
+    solvers choose what they chose when every program was simulated, at budgets from ample to
+    infeasible, and name the same smallest peak when none fits."""
+    import memplan.solvers.base as base
+    from memplan.liveness import forward_end_bytes, simulate
+    from memplan.solvers import SolverConfig, solve_auto
+
+    case = build(name)
+    plan = memplan.optimize(case.model, "100%", example_inputs=case.args, method="none")
+    graph = plan._result().graph
+    config = SolverConfig(node_time_s=for_device("cpu").times(graph))
+    unplanned = plan.baseline_peak_bytes
+    budgets = [int(unplanned * f) for f in (1.0, 0.6, 0.4, 0.25, 0.01)]
+    simulated = []
+    evaluate = base.evaluate
+    monkeypatch.setattr(base, "evaluate", lambda *a, **k: simulated.append(a[1]) or evaluate(*a, **k))
+    skipping = [solve_auto(graph, budget, config=config) for budget in budgets]
+    simulated_when_skipping = len(simulated)
+    monkeypatch.setattr(base, "forward_end_bytes", lambda graph, program: 0)
+    everything = [solve_auto(graph, budget, config=config) for budget in budgets]
+    assert len(simulated) - simulated_when_skipping > simulated_when_skipping, "too few skipped"
+    summary = lambda s: (s.method, s.feasible, s.peak_bytes, s.recompute_s, s.program)  # noqa: E731
+    assert [[summary(s) for s in row] for row in skipping] == [[summary(s) for s in row] for row in everything]
+    assert all(forward_end_bytes(graph, p) <= simulate(graph, p).peak_bytes for p in simulated)

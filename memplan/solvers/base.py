@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Mapping, Sequence
 
 from memplan.graph import JointGraph, Phase
-from memplan.liveness import Timeline, simulate
+from memplan.liveness import Timeline, forward_end_bytes, simulate
 from memplan.program import Program
 
 
@@ -68,3 +68,25 @@ def evaluate(graph: JointGraph, program: Program, budget_bytes: int, *, method: 
                         recompute_s=recompute_s, step_s=step_s, feasible=fits,
                         reason="" if fits else
                         f"peak {timeline.peak_bytes} B exceeds the budget {budget_bytes} B")
+
+
+def evaluate_all(graph: JointGraph, programs: Sequence[Program], budget_bytes: int, *,
+                 method: str, config: SolverConfig, first_fit: bool = False) -> list[StepSchedule]:
+    """The schedules of ``programs``, in their order, leaving out those that cannot fit: a
+    program whose forward alone ends above the budget (``forward_end_bytes``) is simulated only
+    if none of the others fits, so that the smallest peak can still be named. Most of a low
+    budget's candidates are such programs, and simulating is most of a solver's time. With
+    ``first_fit``, the first schedule that fits is the only one returned."""
+    schedules: dict[int, StepSchedule] = {}
+    deferred = []
+    for i, program in enumerate(programs):
+        if forward_end_bytes(graph, program) > budget_bytes:
+            deferred.append(i)
+            continue
+        schedules[i] = evaluate(graph, program, budget_bytes, method=method, config=config)
+        if first_fit and schedules[i].feasible:
+            return [schedules[i]]
+    if not any(s.feasible for s in schedules.values()):
+        for i in deferred:
+            schedules[i] = evaluate(graph, programs[i], budget_bytes, method=method, config=config)
+    return [schedules[i] for i in sorted(schedules)]

@@ -28,7 +28,7 @@ import numpy as np
 
 from memplan.graph import Category, JointGraph
 from memplan.program import build_program, complete_saved_set
-from memplan.solvers.base import SolverConfig, StepSchedule, evaluate, recompute_seconds
+from memplan.solvers.base import SolverConfig, StepSchedule, evaluate_all, recompute_seconds
 from memplan.solvers.recursive import KeepAll, Leaf, Split, Stages, Tree, emit, make_stages, spine_keep
 from memplan.solvers.segments import Cuts, find_cuts, local_minima
 
@@ -181,11 +181,6 @@ def solve(graph: JointGraph, budget_bytes: int, *, config: SolverConfig) -> Step
         programs.setdefault(program, recompute_seconds(graph, program, config.node_time_s))
     # Stable order, independent of the budget: the first that fits is the answer.
     ordered = sorted(programs, key=programs.__getitem__)
-    smallest = None
-    for program in ordered:
-        schedule = evaluate(graph, program, budget_bytes, method="chain-dp", config=config)
-        if schedule.feasible:
-            return schedule
-        if smallest is None or schedule.peak_bytes < smallest.peak_bytes:
-            smallest = schedule
-    return smallest
+    schedules = evaluate_all(graph, ordered, budget_bytes, method="chain-dp", config=config,
+                             first_fit=True)  # the first that fits alone, or every one
+    return min(schedules, key=lambda s: s.peak_bytes)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from memplan.graph import JointGraph
 from memplan.program import build_program
-from memplan.solvers.base import SolverConfig, StepSchedule, evaluate
+from memplan.solvers.base import SolverConfig, StepSchedule, evaluate_all
 from memplan.solvers.segments import Cuts, cheapest_cut, find_cuts
 
 
@@ -39,13 +39,10 @@ def segment_budgets(cuts: Cuts, points: int) -> list[float]:
 
 def solve(graph: JointGraph, budget_bytes: int, *, config: SolverConfig) -> StepSchedule:
     cuts = find_cuts(graph)
-    tried: dict[frozenset[str], StepSchedule] = {}
-    for segment_bytes in segment_budgets(cuts, config.grid_points):
-        keep = frozenset(cuts.keep(greedy_boundaries(cuts, segment_bytes)))
-        if keep not in tried:
-            tried[keep] = evaluate(graph, build_program(graph, keep), budget_bytes,
-                                   method="chen-greedy", config=config)
-    schedules = list(tried.values())
+    keeps = dict.fromkeys(frozenset(cuts.keep(greedy_boundaries(cuts, segment_bytes)))
+                          for segment_bytes in segment_budgets(cuts, config.grid_points))
+    schedules = evaluate_all(graph, [build_program(graph, keep) for keep in keeps], budget_bytes,
+                             method="chen-greedy", config=config)
     fitting = [s for s in schedules if s.feasible]
     if fitting:
         return min(fitting, key=lambda s: (s.recompute_s, s.peak_bytes))
