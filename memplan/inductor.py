@@ -24,17 +24,21 @@ value longer than planned; four ways it did so are closed:
 - On CUDA, each segment returns its values with the strides the plan traced them with, as
   inductor returns a model's own outputs (``_keep_planned_strides``). Inductor otherwise
   chooses the strides of what it returns, and later segments follow them: DenseNet-BC-100's
-  backward gave a 1x1 convolution's backward a channels-last input beside a contiguous
-  gradient, and cuDNN took 66-72 MiB of scratch memory in full fp32 where the plan had
-  measured none for the traced layouts (bench/results/segment_peaks_h200.md). Not on the CPU,
+  backward (then compiled with layout optimisation on, see below) gave a 1x1 convolution's
+  backward a channels-last input beside a contiguous gradient, and cuDNN took 66-72 MiB of
+  scratch memory in full fp32 where the plan had measured none for the traced layouts
+  (bench/results/segment_peaks_h200.md). Not on the CPU,
   where inductor's layout optimisation still gives convolutions channels-last layouts within a
   segment, and mkldnn rounded a convolution's input gradient differently on the mixed layouts
   this gave (3.8e-3 of its norm on DenseNet-40).
 
-Measured at their least compiled budgets on an H200, DenseNet-BC-100's step peaks 1.9% under
-its prediction with TF32 convolutions (3.3% over it in full fp32) and GPT-2 medium's 0.6% under
-it (bench/results/segment_peaks_h200.md, exactness_h200.md); on the CPU, DenseNet-40's
-least-budget step peaks 2% under its prediction.
+Measured at their least compiled budgets on an H200, DenseNet-BC-100's step peaked 1.9% under
+its prediction with TF32 convolutions and GPT-2 medium's 0.6% under it, both with the backward
+compiled at inductor's default options (bench/results/segment_peaks_h200.md,
+exactness_h200.md); with memplan's options in the backward too, DenseNet-BC-100's plan in full
+fp32 peaks 6.6% under it, where it went 3.3% over it and over its budget before
+(bench/results/cuda_graphs_h200.md). On the CPU, DenseNet-40's least-budget step peaks 2% under
+its prediction.
 
 Segments with the same ops on the same shapes, strides and dtypes (the repeated layers of a
 deep network) share one compilation (``_segment_key``). Inductor's own FX graph cache would
@@ -47,7 +51,9 @@ is part of that value's segment. Dropout is drawn and replayed by memplan's own 
 (``memplan.passes.dropout``), which inductor calls as they are; other random ops use PyTorch's
 generator too (``fallback_random``), so random values equal eager's. Loop reordering after
 fusion is off: on torch 2.11 it asserts in the scheduler on planned DenseNet backward graphs
-(``reorder_loops_by_dep_pair``).
+(``reorder_loops_by_dep_pair``). These options are set by the forward's and the backward's
+compilers themselves: aot_autograd compiles the backward at its first call, when
+``compile_with_inductor`` has returned.
 
 Inductor may give a value other strides than eager's; each segment is compiled for the strides
 the earlier ones report, and aot_autograd compiles the backward for the strides the forward
@@ -93,14 +99,18 @@ def compile_with_inductor(gm: fx.GraphModule, example_inputs: Sequence[Any],
     if on_cuda:
         options.update(CUDA_OPTIONS)
 
+    # Each compiler sets the options itself: aot_autograd compiles the backward at its first
+    # call, after this function has returned.
     def forward(graph: fx.GraphModule, inputs: Sequence[Any]) -> Callable[..., Any]:
-        return compile_in_segments(graph, inputs, compile_fx_inner, OPS_PER_SEGMENT,
-                                   planned_strides=on_cuda)
+        with torch._inductor.config.patch(options):
+            return compile_in_segments(graph, inputs, compile_fx_inner, OPS_PER_SEGMENT,
+                                       planned_strides=on_cuda)
 
     def backward(graph: fx.GraphModule, inputs: Sequence[Any]) -> Callable[..., Any]:
-        return compile_in_segments(graph, inputs,
-                                   lambda g, i: compile_fx_inner(g, i, is_backward=True),
-                                   OPS_PER_SEGMENT, planned_strides=on_cuda)
+        with torch._inductor.config.patch(options):
+            return compile_in_segments(graph, inputs,
+                                       lambda g, i: compile_fx_inner(g, i, is_backward=True),
+                                       OPS_PER_SEGMENT, planned_strides=on_cuda)
 
     context = contextlib.nullcontext()
     if TracingContext.try_get() is None:

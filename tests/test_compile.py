@@ -148,6 +148,25 @@ def test_torch_compile_backend_refuses_a_graph_break():
         compiled(torch.randn(4, 8)).sum().backward()
 
 
+def test_backward_compiles_with_memplans_inductor_options(monkeypatch):
+    """aot_autograd compiles the backward at its first call, after ``optimize`` returned: the
+    options must be set by the compiler itself (without, it ran with inductor's defaults, and
+    on CUDA gave convolutions channels-last copies the plan does not know of)."""
+    seen = []
+    compile_in_segments = memplan.inductor.compile_in_segments
+
+    def recording(*args, **kwargs):
+        config = torch._inductor.config
+        seen.append((config.fallback_random, config.loop_ordering_after_fusion))
+        return compile_in_segments(*args, **kwargs)
+
+    monkeypatch.setattr(memplan.inductor, "compile_in_segments", recording)
+    case = build("mlp")
+    plan = memplan.optimize(case.model, 1.0, example_inputs=case.args, compile=True)
+    run_step(plan.module, case, 101)
+    assert seen == [(True, False), (True, False)], f"forward, backward: {seen}"
+
+
 def test_segments_return_the_strides_the_plan_traced(monkeypatch):
     """With planned strides (memplan's setting on CUDA) every segment returns its values with
     the strides of the planned graph, so that later ops, convolutions above all, get the layouts
