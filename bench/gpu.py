@@ -3,12 +3,14 @@
 Rows: naive eager; the model's built-in checkpointing (DenseNet ``memory_efficient``, Hugging
 Face ``gradient_checkpointing_enable``, ``checkpoint_sequential`` with √n segments elsewhere);
 with ``--compile``, torch.compile at ``activation_memory_budget`` 1.0, 0.5 and 0.2 and memplan
-compiled; memplan eager at 75%, 50% and 30% of the naive peak and at the least feasible budget.
+compiled; memplan eager at 75%, 50% and 30% of the naive peak and at the least feasible budget;
+with ``--cuda-graphs``, each memplan plan is made for CUDA graphs and measured both run plainly
+and replayed as CUDA graphs (``graphed_row``).
 Measured as in bench/core.py (peak after ``reset_peak_memory_stats``, median of 5 steps after 2
 warm-ups); reserved is ``max_memory_reserved`` over those steps, after emptying the cache.
 
     python bench/gpu.py --model resnet50 [--compile [--no-eager]] [--budgets 75% minimum]
-                        [--no-anchors] [--tag part2] --out-dir bench/results
+                        [--no-anchors] [--cuda-graphs] [--no-tf32] [--tag part2] --out-dir bench/results
 
 writes ``gpu_<model>[_compiled][_<tag>].md`` (``_compiled`` with ``--no-eager``: the table,
 device, torch version and command) and
@@ -26,6 +28,7 @@ import json
 import math
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -36,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import densenet  # noqa: E402
 import resnet1001  # noqa: E402
 from core import (GiB, SequentialCheckpoint, _efficient, _hf_checkpointing, gpt2_medium,  # noqa: E402
-                  least_budget, measure)
+                  least_budget, measure, step)
 
 import memplan  # noqa: E402
 
@@ -111,6 +114,7 @@ MODELS = {
 }
 
 
+CUDA_GRAPHS = False  # plan memplan's rows for CUDA graphs and replay them so too (``--cuda-graphs``)
 ROWS: list[dict] = []  # every row measured so far, written out after each (a run may time out)
 WRITE = None
 
@@ -145,15 +149,85 @@ def torch_compile_row(model, x, budget: float) -> dict:
 def memplan_row(model, x, budget, label: str, compile: bool) -> dict:
     torch._dynamo.reset()
     start = time.perf_counter()
-    plan = memplan.optimize(model, budget, example_inputs=(x,), compile=compile)
+    plan = memplan.optimize(model, budget, example_inputs=(x,), compile=compile,
+                            cuda_graphs=CUDA_GRAPHS)
+    plan.module.cuda_graphs = False  # measured plainly first, then replayed (``graphed_row``)
     plan.module(x).float().sum().backward()
     plan_s = time.perf_counter() - start
     chosen = plan._result().chosen
     mode = "compiled" if compile else "eager"
-    return measured(f"memplan {mode} {label} ({plan.method})", plan.module, x, plan_s=plan_s,
-                    kind=f"memplan {mode}", predicted=plan.predicted_peak_bytes,
-                    budget=plan.budget_bytes, predicted_ms=(chosen.step_s + chosen.recompute_s) * 1e3,
-                    minimum=plan.minimum_budget_bytes)
+    numbers = dict(predicted=plan.predicted_peak_bytes, budget=plan.budget_bytes,
+                   predicted_ms=(chosen.step_s + chosen.recompute_s) * 1e3,
+                   minimum=plan.minimum_budget_bytes)
+    row = measured(f"memplan {mode} {label} ({plan.method})", plan.module, x, plan_s=plan_s,
+                   kind=f"memplan {mode}", **numbers)
+    if CUDA_GRAPHS:
+        try:
+            graphed_row(plan.module, x, f"memplan {mode} {label} ({plan.method}) + CUDA graphs",
+                        kind=f"memplan {mode} + CUDA graphs", **numbers)
+        except Exception:  # a capture that fails is this row's result: reported
+            traceback.print_exc()
+    return row
+
+
+def graph_pool_bytes() -> tuple[int, int]:
+    """Bytes reserved and allocated in CUDA graph pools (every pool but the default one)."""
+    segments = [s for s in torch.cuda.memory_snapshot() if tuple(s["segment_pool_id"]) != (0, 0)]
+    return sum(s["total_size"] for s in segments), sum(s["allocated_size"] for s in segments)
+
+
+def graphed_row(module, x, config: str, **extra) -> dict:
+    """The same plan replayed as CUDA graphs. A replay allocates nothing: it reuses the
+    capture's allocations, at the same addresses, so the peak is the larger of the capture
+    step's ``max_memory_allocated`` and the replays'; the graphs' pool, reserved between steps,
+    is recorded beside it. Outputs, gradients and buffers over two steps are compared with the
+    plain module's from the same state, and the plain module's with its own (cuDNN's default
+    algorithms need not be deterministic)."""
+    state = [t.detach().clone() for t in (*module.parameters(), *module.buffers())]
+    rng = torch.cuda.get_rng_state()
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    module.cuda_graphs = True
+    step(module, x)
+    torch.cuda.synchronize()
+    capture_peak = torch.cuda.max_memory_allocated()
+    pool_reserved, pool_allocated = graph_pool_bytes()
+    row = measured(config, module, x, capture_peak=capture_peak, pool_reserved=pool_reserved,
+                   pool_allocated=pool_allocated, **extra)
+    row["replay_peak"] = row["peak"]
+    row["peak"] = max(row["replay_peak"], capture_peak)
+
+    def two_steps(graphs: bool) -> list[torch.Tensor]:
+        for target, value in zip((*module.parameters(), *module.buffers()), state):
+            target.detach().copy_(value)
+        torch.cuda.set_rng_state(rng)
+        module.cuda_graphs = graphs
+        seen = []
+        for _ in range(2):
+            for p in module.parameters():
+                p.grad = None
+            out = module(x)
+            out.float().sum().backward()
+            seen += [out.detach().clone(), *(p.grad.clone() for p in module.parameters()
+                                             if p.grad is not None),
+                     *(b.clone() for b in module.buffers())]
+        return seen
+
+    def compare(a: list[torch.Tensor], b: list[torch.Tensor]) -> tuple[bool, float]:
+        return (len(a) == len(b) and all(torch.equal(u, v) for u, v in zip(a, b)),
+                max((u.double() - v.double()).abs().max().item() for u, v in zip(a, b)))
+
+    graphed, plain = two_steps(True), two_steps(False)
+    row["bitwise_equal_to_plain"], row["max_abs_diff_vs_plain"] = compare(graphed, plain)
+    row["plain_bitwise_equal_to_plain"], row["plain_max_abs_diff"] = compare(plain, two_steps(False))
+    print(config, {k: row[k] for k in ("capture_peak", "replay_peak", "pool_reserved",
+                                       "bitwise_equal_to_plain", "max_abs_diff_vs_plain",
+                                       "plain_bitwise_equal_to_plain", "plain_max_abs_diff")},
+          flush=True)
+    if WRITE is not None:
+        WRITE()
+    return row
 
 
 def memplan_rows(model, x, compile: bool, budgets: list[str]) -> list[dict]:
@@ -214,7 +288,24 @@ def table(rows: list[dict]) -> str:
             r["ms"], r["ms"] / rows[0]["ms"] - 1,
             f"{r['predicted_ms']:.1f}" if "predicted_ms" in r else "–", r.get("mallocs", "–"),
             f"{r['plan_s']:.0f}" if "plan_s" in r else "–"))
+    graphed = [r for r in rows if "bitwise_equal_to_plain" in r]
+    if graphed:
+        lines += ["", "CUDA graphs rows: peak is the larger of the capture step's and the "
+                  "replays' (the pool is reserved between steps); two steps' outputs, "
+                  "gradients and buffers against the same plan run plainly from the same state, "
+                  "and the plain run against itself:", ""]
+        lines += [f"- {r['config']}: capture {r['capture_peak'] / GiB:.3f} GiB, replay "
+                  f"{r['replay_peak'] / GiB:.3f} GiB (pool {r['pool_reserved'] / GiB:.3f} GiB "
+                  f"reserved, {r['pool_allocated'] / GiB:.3f} allocated); against plain: "
+                  + _equality(r["bitwise_equal_to_plain"], r["max_abs_diff_vs_plain"])
+                  + "; plain against plain: "
+                  + _equality(r["plain_bitwise_equal_to_plain"], r["plain_max_abs_diff"])
+                  for r in graphed]
     return "\n".join(lines)
+
+
+def _equality(bitwise: bool, max_abs: float) -> str:
+    return "bitwise equal" if bitwise else f"max abs difference {max_abs:.3g}"
 
 
 def main() -> None:
@@ -227,13 +318,20 @@ def main() -> None:
     parser.add_argument("--anchor-budgets", nargs="+", type=float, default=list(COMPILE_BUDGETS),
                         help="torch.compile's activation_memory_budget values")
     parser.add_argument("--budgets", nargs="*", default=[*BUDGETS, "minimum"])
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="add each memplan plan replayed as CUDA graphs")
+    parser.add_argument("--no-tf32", action="store_true",
+                        help="full fp32: TF32 off for convolutions and matmuls")
     parser.add_argument("--tag", help="suffix of the output files")
     parser.add_argument("--out-dir", type=Path)
     args = parser.parse_args()
+    if args.no_tf32:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     title = MODELS[args.model][0]
     stem = "_".join(["gpu", args.model] + ["compiled"] * args.no_eager + [args.tag] * bool(args.tag))
     command = f"python bench/gpu.py {' '.join(sys.argv[1:])}"
-    header = (f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, fp32; {title}\n"
+    precision = "fp32, TF32 off" if args.no_tf32 else "fp32"
+    header = (f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, {precision}; {title}\n"
               f"command: {command}\n")
 
     def write() -> None:
@@ -243,8 +341,9 @@ def main() -> None:
             dict(model=title, device=torch.cuda.get_device_name(), torch=torch.__version__,
                  command=command, rows=ROWS), indent=1))
 
-    global WRITE
+    global WRITE, CUDA_GRAPHS
     WRITE = write if args.out_dir else None
+    CUDA_GRAPHS = args.cuda_graphs
     run(args.model, args.compile, eager=not args.no_eager,
         anchors=[] if args.no_anchors else args.anchor_budgets, budgets=args.budgets)
     print(header + "\n" + table(ROWS))

@@ -15,6 +15,7 @@ from memplan import report as report_module
 from memplan.budget import parse_budget
 from memplan.capture import CapturedStep, capture, device_of
 from memplan.cost_models import check_cost_model, node_times
+from memplan.cuda_graphs import held_bytes
 from memplan.errors import InfeasibleBudgetError
 from memplan.executor import PlannedModule
 from memplan.graph import JointGraph
@@ -55,6 +56,11 @@ class PlanResult:
     alternatives: list[StepSchedule]
     device: str
     headroom_bytes: int = 0  # kept free of the plan on CUDA (see CUDA_HEADROOM)
+    graphs_bytes: int = 0  # held by CUDA graphs beside the plan (``cuda_graphs.held_bytes``)
+
+    @property
+    def predicted_peak_bytes(self) -> int:
+        return self.chosen.peak_bytes + self.graphs_bytes
 
 
 def _free_device_bytes(device: torch.device) -> int | None:
@@ -65,15 +71,17 @@ def _free_device_bytes(device: torch.device) -> int | None:
 
 
 def plan_step(graph: JointGraph, budget: Any, method: str, device: torch.device, *,
-              node_time_s: dict[str, float], time_limit_s: float = 30.0) -> PlanResult:
-    """Solve for one captured graph: the cheapest schedule whose simulated peak fits."""
+              node_time_s: dict[str, float], time_limit_s: float = 30.0,
+              graphs_bytes: int = 0) -> PlanResult:
+    """Solve for one captured graph: the cheapest schedule whose simulated peak fits, beside
+    ``graphs_bytes`` of CUDA graphs."""
     config = SolverConfig(node_time_s=node_time_s, time_limit_s=time_limit_s)
     unlimited = 2**62
     baseline = solve("none", graph, unlimited, config=config)
     budget_bytes = parse_budget(budget, baseline.peak_bytes,
                                 free_device_bytes=_free_device_bytes(device))
     headroom = headroom_bytes(budget_bytes, device)
-    planned_bytes = budget_bytes - headroom
+    planned_bytes = budget_bytes - headroom - graphs_bytes
     if method == "auto":
         alternatives = solve_auto(graph, planned_bytes, config=config)
     else:
@@ -83,17 +91,20 @@ def plan_step(graph: JointGraph, budget: Any, method: str, device: torch.device,
         if method != "auto":
             alternatives = solve_auto(graph, planned_bytes, config=config)
         smallest = min(alternatives, key=lambda s: s.peak_bytes)
-        minimum = budget_for_peak(smallest.peak_bytes, device)
+        minimum = budget_for_peak(smallest.peak_bytes + graphs_bytes, device)
         raise InfeasibleBudgetError(
             f"no {'schedule' if method == 'auto' else repr(method) + ' schedule'} fits the budget of "
             f"{budget_bytes:,} B: the smallest predicted peak is {smallest.peak_bytes:,} B "
-            f"({smallest.method}); the unplanned peak is {baseline.peak_bytes:,} B. Give a budget of "
+            f"({smallest.method})"
+            + (f", and CUDA graphs hold {graphs_bytes:,} B beside it" if graphs_bytes else "")
+            + f"; the unplanned peak is {baseline.peak_bytes:,} B. Give a budget of "
             f"at least {minimum:,} B"
             + (f" ({CUDA_HEADROOM:.1%} of a CUDA budget is kept as headroom)" if headroom else "")
             + ("" if method == "auto" else " or use method='auto'") + ", or a smaller batch.",
             minimum_bytes=minimum)
     return PlanResult(graph=graph, budget_bytes=budget_bytes, baseline=baseline, chosen=chosen,
-                      alternatives=alternatives, device=str(device), headroom_bytes=headroom)
+                      alternatives=alternatives, device=str(device), headroom_bytes=headroom,
+                      graphs_bytes=graphs_bytes)
 
 
 @dataclass
@@ -123,7 +134,7 @@ class Plan:
 
     @property
     def predicted_peak_bytes(self) -> int:
-        return self._result().chosen.peak_bytes
+        return self._result().predicted_peak_bytes
 
     @property
     def predicted_overhead(self) -> float:
@@ -134,7 +145,7 @@ class Plan:
         """The least budget worth asking for: the smallest predicted peak any schedule reached,
         plus the CUDA headroom."""
         result = self._result()
-        peak = min(s.peak_bytes for s in result.alternatives)
+        peak = min(s.peak_bytes for s in result.alternatives) + result.graphs_bytes
         return budget_for_peak(peak, torch.device(result.device))
 
     @property
@@ -163,7 +174,8 @@ class Plan:
 
 def optimize(model: torch.nn.Module, budget: Any, *, example_inputs: tuple | None = None,
              example_kwargs: dict | None = None, method: str = "auto", compile: bool = False,
-             cost_model: str = "analytic", time_limit_s: float = 30.0) -> Plan:
+             cuda_graphs: bool = False, cost_model: str = "analytic",
+             time_limit_s: float = 30.0) -> Plan:
     """Plan ``model``'s training step to fit ``budget``; see ``memplan.parse_budget`` for forms.
 
     ``method="auto"`` keeps the cheapest plan of the fast solvers (seconds, reproducible);
@@ -177,6 +189,11 @@ def optimize(model: torch.nn.Module, budget: Any, *, example_inputs: tuple | Non
     segments that keep the planned order between them; the predicted peak is the eager
     executor's, which inductor can exceed within a segment.
 
+    With ``cuda_graphs=True`` (CUDA only) each input signature's step is captured at its first
+    call as a forward and a backward CUDA graph and replayed from then on (``memplan.cuda_graphs``):
+    no launch costs, but the step's memory stays reserved between steps, and its outputs are
+    overwritten by the next step.
+
     >>> plan = optimize(model, budget="60%", example_inputs=(x,))   # doctest: +SKIP
     >>> loss_fn(plan.module(x), y).backward()                       # doctest: +SKIP
     """
@@ -187,8 +204,8 @@ def optimize(model: torch.nn.Module, budget: Any, *, example_inputs: tuple | Non
         warnings.warn("memplan: with compile=True the predicted peak is the eager executor's; "
                       "inductor runs the plan in segments of planned order, but within a "
                       "segment it may hold values longer (on an H200, the least-budget plans of "
-                      "DenseNet-BC-100 and GPT-2 medium measured 1.9% and 0.6% under it; "
-                      "DenseNet-BC-100's 3.3% over it, and over its budget, in full fp32)",
+                      "DenseNet-BC-100 and GPT-2 medium measured 1.9% and 0.6% under it, "
+                      "DenseNet-BC-100's 6.6% under it in full fp32)",
                       stacklevel=2)
     if not isinstance(budget, (int, float, str)):
         parse_budget(budget)  # raises the error that lists the accepted forms
@@ -197,19 +214,24 @@ def optimize(model: torch.nn.Module, budget: Any, *, example_inputs: tuple | Non
     def plan_for(args: tuple, kwargs: dict) -> tuple[CapturedStep, Any]:
         flat = pytree.tree_leaves((args, kwargs))
         device = device_of(model, flat)
+        if cuda_graphs and device.type != "cuda":
+            raise ValueError(f"memplan: cuda_graphs=True needs the model and its inputs on a CUDA "
+                             f"device, not {device}; move them there, or leave cuda_graphs off")
+        graphs_bytes = held_bytes(model, flat) if cuda_graphs else 0
         holder: dict[str, PlanResult] = {}
 
         def planner(graph: JointGraph, joint: torch.fx.GraphModule) -> Program:
             times = node_times(cost_model, graph, joint, device, eager=not compile)
             holder["result"] = plan_step(graph, budget, method, device, node_time_s=times,
-                                         time_limit_s=time_limit_s)
+                                         time_limit_s=time_limit_s, graphs_bytes=graphs_bytes)
             return holder["result"].chosen.program
 
         step, out_spec = capture(model, args, kwargs, planner, compile=compile)
         plan.latest = holder["result"]
         return step, out_spec
 
-    plan = Plan(module=PlannedModule(model, plan_for), budget=budget, requested_method=method)
+    plan = Plan(module=PlannedModule(model, plan_for, cuda_graphs=cuda_graphs), budget=budget,
+                requested_method=method)
     if example_inputs is not None or example_kwargs is not None:
         args, kwargs = tuple(example_inputs or ()), dict(example_kwargs or {})
         plan.module.prepare(args, kwargs)

@@ -13,6 +13,8 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
+from memplan.cuda_graphs import graphed_step
+
 _BoxedCodeGen = getattr(fx.graph, "_BoxedCodeGen", None)
 
 
@@ -43,7 +45,8 @@ class PlannedModule(torch.nn.Module):
     mode or without grad it calls the model itself.
     """
 
-    def __init__(self, model: torch.nn.Module, plan_for: Callable[[tuple, dict], Any]):
+    def __init__(self, model: torch.nn.Module, plan_for: Callable[[tuple, dict], Any], *,
+                 cuda_graphs: bool = False):
         super().__init__()
         object.__setattr__(self, "_model", model)
         object.__setattr__(self, "_plan_for", plan_for)
@@ -51,6 +54,8 @@ class PlannedModule(torch.nn.Module):
         self._buffers = model._buffers
         self._modules = model._modules
         self._steps: dict[tuple, Any] = {}
+        self.cuda_graphs = cuda_graphs  # replay each signature's step (``memplan.cuda_graphs``)
+        self._graphed: dict[tuple, Callable[..., tuple]] = {}
 
     def prepare(self, args: tuple, kwargs: dict) -> Any:
         """Plan for these inputs now (they may be fake or real) unless already planned."""
@@ -65,7 +70,13 @@ class PlannedModule(torch.nn.Module):
             return self._model(*args, **kwargs)
         flat = pytree.tree_leaves((args, kwargs))
         step, out_spec = self.prepare(args, kwargs)
-        outputs = step.run(*flat)
+        if self.cuda_graphs:
+            key = signature(flat, self._model.training)
+            if key not in self._graphed:
+                self._graphed[key] = graphed_step(self._model, step, flat)
+            outputs = self._graphed[key](*flat)
+        else:
+            outputs = step.run(*flat)
         return pytree.tree_unflatten(list(outputs), out_spec)
 
     def train(self, mode: bool = True) -> "PlannedModule":

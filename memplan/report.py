@@ -52,6 +52,7 @@ def to_dict(result: PlanResult) -> dict[str, Any]:
         "device": result.device,
         "budget_bytes": result.budget_bytes,
         "headroom_bytes": result.headroom_bytes,
+        "cuda_graphs_bytes": result.graphs_bytes,
         "method": chosen.method,
         "solve_time_s": chosen.solve_time_s,
         "gap": chosen.gap,
@@ -81,6 +82,8 @@ def render_text(result: PlanResult) -> str:
         f"  unplanned peak    {_size(base['peak_bytes'])}  at {base['peak_at']}",
         f"  planned peak      {_size(planned['peak_bytes'])}  at {planned['peak_at']}"
         f"  ({planned['peak_bytes'] / max(1, base['peak_bytes']):.0%} of unplanned)",
+        *([f"  CUDA graphs       +{_size(data['cuda_graphs_bytes'])} beside it (static inputs, "
+           "a second copy of the gradients, cuBLAS workspaces)"] if data["cuda_graphs_bytes"] else []),
         f"  overhead          +{planned['predicted_overhead']:.1%} compute (predicted)",
         f"  method            {data['method']}  (solved in {data['solve_time_s']:.2f} s"
         + ("" if data["gap"] is None else f", optimality gap {data['gap']:.1%}") + ")",

@@ -118,6 +118,26 @@ def sweep(case, method: str, fractions: list[float]):
     return rows
 
 
+def test_what_cuda_graphs_hold_is_planned_beside_the_step():
+    """The plan fits in the budget less what the graphs hold, which its peak then includes;
+    the least budget a refusal names does too."""
+    case = build("densenet40")
+    plan = memplan.optimize(case.model, "100%", example_inputs=case.args, method="none")
+    graph = plan._result().graph
+    times = for_device("cpu").times(graph)
+    cpu = torch.device("cpu")
+    alone = plan_step(graph, "50%", "auto", cpu, node_time_s=times)
+    held = alone.budget_bytes - alone.chosen.peak_bytes + 1  # the plan alone no longer fits
+    beside = plan_step(graph, "50%", "auto", cpu, node_time_s=times, graphs_bytes=held)
+    assert beside.chosen.peak_bytes <= beside.budget_bytes - held < alone.chosen.peak_bytes
+    assert beside.predicted_peak_bytes == beside.chosen.peak_bytes + held <= beside.budget_bytes
+    with pytest.raises(memplan.InfeasibleBudgetError, match="CUDA graphs hold") as refusal:
+        plan_step(graph, 1, "auto", cpu, node_time_s=times, graphs_bytes=held)
+    least = plan_step(graph, refusal.value.minimum_bytes, "auto", cpu, node_time_s=times,
+                      graphs_bytes=held)
+    assert least.predicted_peak_bytes <= refusal.value.minimum_bytes
+
+
 @pytest.mark.parametrize("method", ["auto", "chain-dp", "chen-greedy"])
 @pytest.mark.parametrize("name", ["gpt2", "preact_resnet29", "densenet40"])
 def test_more_budget_never_costs_more_nor_a_smaller_one_more_memory(name, method):

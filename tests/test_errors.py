@@ -8,6 +8,7 @@ import torch.nn as nn
 
 import memplan
 import memplan.api
+import memplan.cuda_graphs
 from harness import eager_twin, run_step
 from measure import measured_step_peak
 from zoo import build
@@ -73,6 +74,22 @@ def test_model_without_gradients_raises_capture_error():
 def test_unknown_method_is_rejected():
     with pytest.raises(ValueError, match="unknown method"):
         memplan.optimize(nn.Linear(8, 8), "100%", method="magic")
+
+
+def test_cuda_graphs_are_refused_off_cuda():
+    case = mlp_case()
+    with pytest.raises(ValueError, match="cuda_graphs=True needs the model and its inputs on a "
+                                         "CUDA device, not cpu"):
+        memplan.optimize(case.model, "100%", example_inputs=case.args, cuda_graphs=True)
+
+
+def test_cuda_graphs_are_refused_for_memplans_dropout():
+    """Its masks are drawn from a generator state read on the host: a graph would replay one."""
+    case = mlp_case()
+    plan = memplan.optimize(case.model, "100%", example_inputs=case.args)
+    step, _out_spec = plan.module.prepare(case.args, {})
+    with pytest.raises(ValueError, match="cannot replay MLP's dropout"):
+        memplan.cuda_graphs.graphed_step(case.model, step, list(case.args))
 
 
 def test_lazy_plan_is_made_at_first_call_and_again_per_shape(monkeypatch):
