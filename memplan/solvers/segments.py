@@ -1,7 +1,8 @@
 """Cuts of the forward graph: what must be kept so that recomputation can start there.
 
 At a position p of the forward order, the *crossing set* is every forward value computed at or
-before p and read by a forward node after p. Saving it is enough to recompute anything after p
+before p and read by a forward node after p, other than a buffer's update (it runs once and is
+never recomputed). Saving it is enough to recompute anything after p
 without going further back: it is a cut. In a chain the crossing set is one tensor; in a
 DenseNet block it is every feature map so far (so saving it and recomputing the concatenations
 is the memory-efficient DenseNet); parameters and inputs never count, their owners hold them.
@@ -45,6 +46,8 @@ def find_cuts(graph: JointGraph) -> Cuts:
     position = {name: i for i, name in enumerate(order)}
     last_use = {name: i for i, name in enumerate(order)}
     for i, node in enumerate(forward):
+        if node.mutates:  # a buffer's update: runs once, never recomputed, so reads past no cut
+            continue
         for src in node.inputs:
             if src in position:
                 last_use[src] = max(last_use[src], i)
