@@ -143,7 +143,7 @@ class Plan:
     @property
     def minimum_budget_bytes(self) -> int:
         """The least budget worth asking for: the smallest predicted peak any schedule reached,
-        plus the CUDA headroom."""
+        with what CUDA graphs hold beside it, plus the CUDA headroom."""
         result = self._result()
         peak = min(s.peak_bytes for s in result.alternatives) + result.graphs_bytes
         return budget_for_peak(peak, torch.device(result.device))
@@ -191,8 +191,8 @@ def optimize(model: torch.nn.Module, budget: Any, *, example_inputs: tuple | Non
 
     With ``cuda_graphs=True`` (CUDA only) each input signature's step is captured at its first
     call as a forward and a backward CUDA graph and replayed from then on (``memplan.cuda_graphs``):
-    no launch costs, but the step's memory stays reserved between steps, and its outputs are
-    overwritten by the next step.
+    no launch costs, but the step's memory stays reserved between steps, and its outputs and
+    gradients are overwritten by the next step (set gradients to None between steps).
 
     >>> plan = optimize(model, budget="60%", example_inputs=(x,))   # doctest: +SKIP
     >>> loss_fn(plan.module(x), y).backward()                       # doctest: +SKIP
@@ -217,7 +217,7 @@ def optimize(model: torch.nn.Module, budget: Any, *, example_inputs: tuple | Non
         if cuda_graphs and device.type != "cuda":
             raise ValueError(f"memplan: cuda_graphs=True needs the model and its inputs on a CUDA "
                              f"device, not {device}; move them there, or leave cuda_graphs off")
-        graphs_bytes = held_bytes(model, flat) if cuda_graphs else 0
+        graphs_bytes = held_bytes(flat) if cuda_graphs else 0
         holder: dict[str, PlanResult] = {}
 
         def planner(graph: JointGraph, joint: torch.fx.GraphModule) -> Program:

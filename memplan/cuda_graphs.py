@@ -6,8 +6,9 @@ kernels in 2,349 launches, in a step of about 64 ms; replayed as graphs, 18.3 ms
 bench/results/cuda_graphs_h200.md). ``torch.cuda.make_graphed_callables`` captures the step's
 forward and its backward once and replays them. The capture allocates in the planned order,
 from a pool of its own, and each replay reuses those allocations; the pool stays reserved
-between steps. Outputs are the graph's static buffers, overwritten by the next step. The plan
-is made for the budget less what the graphs hold beside it (``held_bytes``).
+between steps. Outputs and gradients are the graphs' static buffers, overwritten by the next
+step (``check_gradients_cleared``). The plan is made for the budget less what the graphs hold
+beside it (``held_bytes``).
 
 Capturing follows one warm-up step on the capture's stream, which initialises cuDNN, cuBLAS and
 the lazily compiled backward outside the graph; the buffers it updated (BatchNorm's running
@@ -41,15 +42,23 @@ class _Step(torch.nn.Module):
         return tuple(self._run(*flat))
 
 
-def held_bytes(model: torch.nn.Module, flat_inputs: list[Any]) -> int:
-    """What the graphs hold beside the planned step: a static copy of each input, and of each
-    gradient, which autograd then accumulates into ``.grad`` as a tensor of its own; and the
+def held_bytes(flat_inputs: list[Any]) -> int:
+    """What the graphs hold beside the planned step: a static copy of each input, and the
     cuBLAS workspaces of the graphs' stream, for the forward's thread and autograd's backward
     thread, beside those of the stream the plan measured (on an H200 the first graphed step of
     a process peaked 69-72 MiB above the same plan run plainly: 2 x 33 MiB, and the copies)."""
     inputs = sum(t.nbytes for t in flat_inputs if isinstance(t, torch.Tensor))
-    gradients = sum(p.nbytes for p in model.parameters() if p.requires_grad)
-    return inputs + gradients + 2 * _blas_workspace_bytes()
+    return inputs + 2 * _blas_workspace_bytes()
+
+
+def check_gradients_cleared(model: torch.nn.Module) -> None:
+    """A replay writes the gradients into the graphs' buffers, which autograd then takes as
+    ``.grad`` without a copy: a gradient still there would be overwritten, then added to."""
+    if any(p.grad is not None for p in model.parameters()):
+        raise ValueError("memplan: with cuda_graphs=True each step's gradients are the graphs' "
+                         "buffers, which the next step overwrites, so gradients cannot be "
+                         "accumulated across steps: set them to None before each step "
+                         "(optimizer.zero_grad(), whose default does), or leave cuda_graphs off")
 
 
 def _blas_workspace_bytes() -> int:
@@ -78,11 +87,13 @@ def graphed_step(model: torch.nn.Module, step: CapturedStep,
     # clear them before recording).
     torch._C._cuda_clearCublasWorkspaces()
     torch.cuda.empty_cache()
-    graphed = torch.cuda.make_graphed_callables(_Step(model, step.run), static_inputs,
-                                                num_warmup_iters=1, allow_unused_input=True)
-    torch.cuda.empty_cache()  # what the warm-up cached outside the graphs' pool
-    for buffer, value in buffers:
-        buffer.copy_(value)
-    torch.set_rng_state(cpu_rng)
-    torch.cuda.set_rng_state(cuda_rng)
+    try:
+        graphed = torch.cuda.make_graphed_callables(_Step(model, step.run), static_inputs,
+                                                    num_warmup_iters=1, allow_unused_input=True)
+    finally:
+        torch.cuda.empty_cache()  # what the warm-up cached outside the graphs' pool
+        for buffer, value in buffers:
+            buffer.copy_(value)
+        torch.set_rng_state(cpu_rng)
+        torch.cuda.set_rng_state(cuda_rng)
     return graphed

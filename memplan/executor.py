@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from memplan.cuda_graphs import graphed_step
+from memplan.cuda_graphs import check_gradients_cleared, graphed_step
 
 _BoxedCodeGen = getattr(fx.graph, "_BoxedCodeGen", None)
 
@@ -71,6 +71,7 @@ class PlannedModule(torch.nn.Module):
         flat = pytree.tree_leaves((args, kwargs))
         step, out_spec = self.prepare(args, kwargs)
         if self.cuda_graphs:
+            check_gradients_cleared(self._model)
             key = signature(flat, self._model.training)
             if key not in self._graphed:
                 self._graphed[key] = graphed_step(self._model, step, flat)

@@ -92,6 +92,17 @@ def test_cuda_graphs_are_refused_for_memplans_dropout():
         memplan.cuda_graphs.graphed_step(case.model, step, list(case.args))
 
 
+def test_cuda_graphs_refuse_to_accumulate_gradients():
+    """A replay's gradients are the graphs' buffers, taken as .grad without a copy: a gradient
+    left from the last step would be overwritten, then added to."""
+    case = mlp_case()
+    plan = memplan.optimize(case.model, "100%", example_inputs=case.args)
+    plan.module(*case.args).sum().backward()
+    plan.module.cuda_graphs = True
+    with pytest.raises(ValueError, match="cannot be accumulated across steps: set them to None"):
+        plan.module(*case.args)
+
+
 def test_lazy_plan_is_made_at_first_call_and_again_per_shape(monkeypatch):
     captures = []
     real_capture = memplan.api.capture
