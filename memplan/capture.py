@@ -32,6 +32,7 @@ from memplan.executor import boxed
 from memplan.inductor import compile_with_inductor
 from memplan.passes.buffer_updates import (free_backward_of_running_stats,
                                            recompute_without_running_stats, update_buffers_in_place)
+from memplan.passes.cudnn_batch_norm import use_cudnn_batch_norm
 from memplan.passes.dropout import (draw, recompute_dropout_from_mask, replay_dropout_masks,
                                     reuse_draws_in_forward)
 from memplan.passes.partition import split
@@ -417,10 +418,12 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, planner: Planner,
 
     def compile_forward(graph_module: fx.GraphModule, inputs: Any) -> Callable[..., Any]:
         update_buffers_in_place(graph_module, [n.name for n in result["graph"].nodes if n.mutated])
+        use_cudnn_batch_norm(graph_module)
         return compile_one(graph_module, inputs)
 
     def compile_backward(graph_module: fx.GraphModule, inputs: Any) -> Callable[..., Any]:
         recompute_without_running_stats(graph_module)
+        use_cudnn_batch_norm(graph_module)
         return compile_one(graph_module, inputs)
 
     with _recursion_limit(_DEEP_MODEL_RECURSION):
