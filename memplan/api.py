@@ -15,7 +15,7 @@ from memplan import report as report_module
 from memplan.budget import parse_budget
 from memplan.capture import CapturedStep, capture, device_of
 from memplan.cost_models import check_cost_model, node_times
-from memplan.cuda_graphs import held_bytes
+from memplan.cuda_graphs import check_replayable, held_bytes
 from memplan.errors import InfeasibleBudgetError
 from memplan.executor import PlannedModule
 from memplan.graph import JointGraph
@@ -217,16 +217,19 @@ def optimize(model: torch.nn.Module, budget: Any, *, example_inputs: tuple | Non
         if cuda_graphs and device.type != "cuda":
             raise ValueError(f"memplan: cuda_graphs=True needs the model and its inputs on a CUDA "
                              f"device, not {device}; move them there, or leave cuda_graphs off")
-        graphs_bytes = held_bytes(flat) if cuda_graphs else 0
         holder: dict[str, PlanResult] = {}
 
         def planner(graph: JointGraph, joint: torch.fx.GraphModule) -> Program:
-            times = node_times(cost_model, graph, joint, device, eager=not compile)
+            times = node_times(cost_model, graph, joint, device,
+                               host_dispatch=not (compile or cuda_graphs))
+            graphs_bytes = held_bytes(model, flat, graph) if cuda_graphs else 0
             holder["result"] = plan_step(graph, budget, method, device, node_time_s=times,
                                          time_limit_s=time_limit_s, graphs_bytes=graphs_bytes)
             return holder["result"].chosen.program
 
         step, out_spec = capture(model, args, kwargs, planner, compile=compile)
+        if cuda_graphs:
+            check_replayable(model, step, flat)
         plan.latest = holder["result"]
         return step, out_spec
 

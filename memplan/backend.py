@@ -36,7 +36,7 @@ def backend(budget: Any, *, method: str = "auto", cost_model: str = "analytic",
         device = device_of(gm, example_inputs)
 
         def planner(graph, joint):
-            times = node_times(cost_model, graph, joint, device, eager=False)
+            times = node_times(cost_model, graph, joint, device, host_dispatch=False)
             plans.append(plan_step(graph, budget, method, device, node_time_s=times,
                                    time_limit_s=time_limit_s))
             return plans[-1].chosen.program

@@ -3,52 +3,45 @@
 A planned step launches thousands of small kernels; on a fast GPU the host's launches, not the
 kernels, set its time (DenseNet-BC-100 compiled at its least budget on an H200: 16.8 ms of
 kernels in 2,349 launches, in a step of about 64 ms; replayed as graphs, 18.3 ms:
-bench/results/cuda_graphs_h200.md). ``torch.cuda.make_graphed_callables`` captures the step's
-forward and its backward once and replays them. The capture allocates in the planned order,
-from a pool of its own, and each replay reuses those allocations; the pool stays reserved
-between steps. Outputs and gradients are the graphs' static buffers, overwritten by the next
-step (``check_gradients_cleared``). The plan is made for the budget less what the graphs hold
-beside it (``held_bytes``).
+bench/results/cuda_graphs_h200.md). The step's forward and its backward are captured once and
+replayed, as ``torch.cuda.make_graphed_callables`` does for one callable. The capture allocates
+in the planned order, from a pool of its own, and each replay reuses those allocations; the pool
+stays reserved between steps. Outputs and gradients are the graphs' static buffers, overwritten
+by the next step (``check_gradients_cleared``). The plan is made for the budget less what the
+graphs hold beside it (``held_bytes``).
 
-Capturing follows one warm-up step on the capture's stream, which initialises cuDNN, cuBLAS and
-the lazily compiled backward outside the graph; the buffers it updated (BatchNorm's running
-statistics) and the random states it advanced are restored after the capture, so that the first
-replay is the user's first step.
+Capturing follows one warm-up step on the capture's own stream, which initialises cuDNN, cuBLAS
+and the lazily compiled backward outside the graph. The warm-up's outputs and gradients are freed
+before the capture (``make_graphed_callables`` keeps them alive through it: on an H200 that, and
+the cuBLAS workspaces of a second stream, put the first capture 68-106 MiB over its plan). The
+buffers the warm-up updated (BatchNorm's running statistics) and the random states it advanced
+are restored after the capture, so that the first replay is the user's first step.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
+from memplan.graph import CUDA_ALLOCATOR_ROUNDING, Phase, allocated_bytes
 from memplan.passes.dropout import draw
 
 if TYPE_CHECKING:
     from memplan.capture import CapturedStep
+    from memplan.graph import JointGraph
 
 
-class _Step(torch.nn.Module):
-    """The planned step as a module whose parameters are the model's, for the capture to
-    return their gradients."""
-
-    def __init__(self, model: torch.nn.Module, run: Callable[..., Any]):
-        super().__init__()
-        self._modules = model._modules
-        self._parameters = model._parameters
-        object.__setattr__(self, "_run", run)
-
-    def forward(self, *flat: torch.Tensor) -> tuple:
-        return tuple(self._run(*flat))
-
-
-def held_bytes(flat_inputs: list[Any]) -> int:
-    """What the graphs hold beside the planned step: a static copy of each input, and the
-    cuBLAS workspaces of the graphs' stream, for the forward's thread and autograd's backward
-    thread, beside those of the stream the plan measured (on an H200 the first graphed step of
-    a process peaked 69-72 MiB above the same plan run plainly: 2 x 33 MiB, and the copies)."""
-    inputs = sum(t.nbytes for t in flat_inputs if isinstance(t, torch.Tensor))
-    return inputs + 2 * _blas_workspace_bytes()
+def held_bytes(model: torch.nn.Module, flat_inputs: list[Any], graph: JointGraph) -> int:
+    """What the graphs hold beside the planned step: a static copy of each input and a static
+    buffer for each output's gradient (the tangents), and, while capturing, a copy of the
+    buffers. The cuBLAS workspaces of the capture's stream replace the default stream's, which
+    the plan counted and the capture frees."""
+    tensors = [t for t in flat_inputs if isinstance(t, torch.Tensor)] + list(model.buffers())
+    tangents = [graph.storages[s].nbytes for node in graph.nodes_of(Phase.TANGENT)
+                for s in node.storages]
+    return sum(allocated_bytes(n, CUDA_ALLOCATOR_ROUNDING)
+               for n in [t.nbytes for t in tensors] + tangents)
 
 
 def check_gradients_cleared(model: torch.nn.Module) -> None:
@@ -61,15 +54,8 @@ def check_gradients_cleared(model: torch.nn.Module) -> None:
                          "(optimizer.zero_grad(), whose default does), or leave cuda_graphs off")
 
 
-def _blas_workspace_bytes() -> int:
-    """One thread's cuBLAS and cuBLASLt workspaces on one stream."""
-    sizes = ("_cuda_getCublasWorkspaceSize", "_cuda_getCublasLtWorkspaceSize")
-    return sum(getattr(torch._C, name, lambda: 0)() for name in sizes)
-
-
-def graphed_step(model: torch.nn.Module, step: CapturedStep,
-                 flat_inputs: list[Any]) -> Callable[..., tuple]:
-    """Capture ``step`` for inputs shaped as ``flat_inputs``; call the result with such inputs."""
+def check_replayable(model: torch.nn.Module, step: CapturedStep, flat_inputs: list[Any]) -> None:
+    """Refuse, right after planning, a step that a CUDA graph cannot replay."""
     if not all(isinstance(t, torch.Tensor) for t in flat_inputs):
         raise ValueError("memplan: cuda_graphs=True needs the model's inputs to be tensors only; "
                          "pass other values as attributes of the model, or leave cuda_graphs off")
@@ -78,22 +64,73 @@ def graphed_step(model: torch.nn.Module, step: CapturedStep,
                          "dropout: memplan draws and replays dropout masks from the generator's "
                          "state, read on the host, which a CUDA graph does not capture. Leave "
                          "cuda_graphs off for this model, or set its dropout probabilities to 0")
+
+
+def graphed_step(model: torch.nn.Module, step: CapturedStep,
+                 flat_inputs: list[Any]) -> Callable[..., tuple]:
+    """Capture ``step`` for inputs shaped as ``flat_inputs``; call the result with such inputs."""
+    check_replayable(model, step, flat_inputs)
     static_inputs = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in flat_inputs)
+    parameters = tuple(model.parameters())
+    surface = static_inputs + parameters  # what a gradient may be returned for
     buffers = [(b, b.clone()) for b in model.buffers()]
     cpu_rng, cuda_rng = torch.get_rng_state(), torch.cuda.get_rng_state()
+    stream = torch.cuda.Stream()
+    forward_graph, backward_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+    pool = torch.cuda.graph_pool_handle()
     torch.cuda.synchronize()
     # cuBLAS keeps a workspace per stream it ran on; the warm-up makes those of the capture's
-    # stream, and the other streams' would be held beside them (inductor's graph trees too
+    # stream, and the default stream's would be held beside them (inductor's graph trees too
     # clear them before recording).
     torch._C._cuda_clearCublasWorkspaces()
     torch.cuda.empty_cache()
     try:
-        graphed = torch.cuda.make_graphed_callables(_Step(model, step.run), static_inputs,
-                                                    num_warmup_iters=1, allow_unused_input=True)
-    finally:
+        with torch.cuda.stream(stream):
+            warm_up = tuple(step.run(*static_inputs))
+            _gradients(warm_up, surface, [torch.empty_like(o) for o in warm_up])
+            del warm_up
+        torch.cuda.synchronize()
         torch.cuda.empty_cache()  # what the warm-up cached outside the graphs' pool
+        with torch.cuda.graph(forward_graph, pool=pool, stream=stream):
+            outputs = tuple(step.run(*static_inputs))
+        grad_outputs = [torch.empty_like(o) if o.requires_grad else None for o in outputs]
+        with torch.cuda.graph(backward_graph, pool=pool, stream=stream):
+            gradients = _gradients(outputs, surface, grad_outputs)
+        # Let the capture's autograd graph go: its parameters' gradient accumulators were made
+        # on the capture's stream, and autograd would synchronise the replays' backward with it.
+        outputs = tuple(o.detach() for o in outputs)
+    finally:
         for buffer, value in buffers:
             buffer.copy_(value)
         torch.set_rng_state(cpu_rng)
         torch.cuda.set_rng_state(cuda_rng)
-    return graphed
+
+    class Replay(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, *given: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            for static, tensor in zip(static_inputs, given):
+                if static.data_ptr() != tensor.data_ptr():
+                    static.copy_(tensor)
+            forward_graph.replay()
+            return tuple(o.detach() for o in outputs)
+
+        @staticmethod
+        @torch.autograd.function.once_differentiable
+        def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+            for static, grad in zip(grad_outputs, grads):
+                if static is not None and static.data_ptr() != grad.data_ptr():
+                    static.copy_(grad)
+            backward_graph.replay()
+            return tuple(None if g is None else g.detach() for g in gradients)
+
+    return lambda *flat: Replay.apply(*flat, *parameters)
+
+
+def _gradients(outputs: Sequence[torch.Tensor], surface: Sequence[torch.Tensor],
+               grad_outputs: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """The gradient for each tensor of ``surface`` (None where it needs none or gets none)."""
+    pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if o.requires_grad]
+    wanted = [t for t in surface if t.requires_grad]
+    found = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs],
+                                     allow_unused=True) if pairs and wanted else ())
+    return [next(found, None) if t.requires_grad else None for t in surface]

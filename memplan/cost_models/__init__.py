@@ -24,11 +24,12 @@ def check_cost_model(name: str) -> None:
 
 
 def node_times(name: str, graph: JointGraph, joint: torch.fx.GraphModule,
-               device: torch.device, *, eager: bool = True) -> dict[str, float]:
-    """Seconds per node of ``graph`` under the named cost model; ``eager`` for the eager
-    executor, which dispatches each op from the host."""
+               device: torch.device, *, host_dispatch: bool = True) -> dict[str, float]:
+    """Seconds per node of ``graph`` under the named cost model; ``host_dispatch`` where the
+    host dispatches each op as it runs (the eager executor; not compiled graphs, nor CUDA
+    graphs' replays)."""
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    times = for_device(device.type, device_name, eager=eager).times(graph)
+    times = for_device(device.type, device_name, host_dispatch=host_dispatch).times(graph)
     if name == "profile":
         times.update(profile_times(joint, device, OpTimeCache(default_cache_path())))
     return times

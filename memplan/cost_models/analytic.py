@@ -51,11 +51,12 @@ class AnalyticCostModel:
         return {node.name: self.node_time_s(node) for node in graph.nodes}
 
 
-def for_device(device_type: str, device_name: str = "", *, eager: bool = True) -> AnalyticCostModel:
+def for_device(device_type: str, device_name: str = "", *,
+               host_dispatch: bool = True) -> AnalyticCostModel:
     """The table row for a device: by name for known GPUs, else a generic GPU or the CPU.
-    Compiled graphs (``eager=False``) fuse small ops into few kernels and have no per-op
-    dispatch."""
+    Without ``host_dispatch`` no op waits for the host: compiled graphs fuse small ops into
+    few kernels, and CUDA graphs replay every launch at once."""
     name = device_name.lower()
     key = next((k for k in ("h200", "h100") if k in name), "h100" if device_type == "cuda" else "cpu")
-    rates = DEVICES[key] if eager else replace(DEVICES[key], dispatch_s=0.0)
+    rates = DEVICES[key] if host_dispatch else replace(DEVICES[key], dispatch_s=0.0)
     return AnalyticCostModel(rates)
