@@ -110,11 +110,13 @@ class Logits(torch.nn.Module):
         return self.lm(ids, return_dict=False)[0]
 
 
-def gpt2_medium() -> Logits:
+def gpt2_medium(attention: str = "eager") -> Logits:
+    """``attention="sdpa"`` is Hugging Face's default: on CUDA in fp32, the memory-efficient
+    kernel, which keeps no attention matrix."""
     import transformers
 
     config = transformers.GPT2Config(n_layer=24, n_embd=1024, n_head=16, use_cache=False)
-    config._attn_implementation = "eager"
+    config._attn_implementation = attention
     return Logits(transformers.GPT2LMHeadModel(config))
 
 

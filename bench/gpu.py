@@ -10,7 +10,7 @@ Measured as in bench/core.py (peak after ``reset_peak_memory_stats``, median of 
 warm-ups); reserved is ``max_memory_reserved`` over those steps, after emptying the cache.
 
     python bench/gpu.py --model resnet50 [--compile [--no-eager]] [--budgets 75% minimum]
-                        [--no-anchors] [--cuda-graphs] [--no-tf32] [--tag part2] --out-dir bench/results
+                        [--no-anchors] [--cuda-graphs] [--no-tf32] [--deterministic] [--tag part2] --out-dir bench/results
 
 writes ``gpu_<model>[_compiled][_<tag>].md`` (``_compiled`` with ``--no-eager``: the table,
 device, torch version and command) and
@@ -106,6 +106,9 @@ MODELS = {
                    SequentialCheckpoint, lambda: _images(64, 32)),
     "gpt2m": ("GPT-2 medium (HF, eager attention, dropout 0.1), 8×1024 tokens", gpt2_medium,
               _hf_checkpointing, lambda: torch.randint(0, 50257, (8, 1024), device="cuda")),
+    "gpt2m_sdpa": ("GPT-2 medium (HF, SDPA attention, dropout 0.1), 8×1024 tokens",
+                   lambda: gpt2_medium("sdpa"), _hf_checkpointing,
+                   lambda: torch.randint(0, 50257, (8, 1024), device="cuda")),
     "vgg19": ("VGG19 (torchvision), batch 64×3×224×224",
               lambda: __import__("torchvision").models.vgg19(), _vgg_segments, lambda: _images(64, 224)),
     "resnet50": ("ResNet-50 (torchvision), batch 64×3×224×224",
@@ -183,7 +186,8 @@ def graphed_row(module, x, config: str, **extra) -> dict:
     is recorded beside it. Outputs, gradients and buffers over two steps are compared with the
     plain module's from the same state, and the plain module's with its own (cuDNN's default
     algorithms need not be deterministic)."""
-    state = [t.detach().clone() for t in (*module.parameters(), *module.buffers())]
+    # Kept on the host: a copy on the device would be in the capture's peak.
+    state = [t.detach().to("cpu", copy=True) for t in (*module.parameters(), *module.buffers())]
     rng = torch.cuda.get_rng_state()
     gc.collect()
     torch.cuda.empty_cache()
@@ -322,15 +326,20 @@ def main() -> None:
                         help="add each memplan plan replayed as CUDA graphs")
     parser.add_argument("--no-tf32", action="store_true",
                         help="full fp32: TF32 off for convolutions and matmuls")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="cuDNN's deterministic algorithms (for a bitwise comparison)")
     parser.add_argument("--tag", help="suffix of the output files")
     parser.add_argument("--out-dir", type=Path)
     args = parser.parse_args()
     if args.no_tf32:
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    if args.deterministic:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     title = MODELS[args.model][0]
     stem = "_".join(["gpu", args.model] + ["compiled"] * args.no_eager + [args.tag] * bool(args.tag))
     command = f"python bench/gpu.py {' '.join(sys.argv[1:])}"
-    precision = "fp32, TF32 off" if args.no_tf32 else "fp32"
+    precision = ("fp32, TF32 off" if args.no_tf32 else "fp32") + (
+        ", cuDNN deterministic" if args.deterministic else "")
     header = (f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, {precision}; {title}\n"
               f"command: {command}\n")
 
