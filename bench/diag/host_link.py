@@ -63,8 +63,9 @@ def main() -> None:
         }
         copies = max(1, round(alone_s * 50e9 / size))  # about as long as the matmuls
         for name, pairs in directions.items():
-            def copy(pairs=pairs):
-                """Each direction on a side stream of its own; the pair spans them all."""
+            def copy(pairs=pairs, during=lambda: None):
+                """Each direction on a side stream of its own, while the default stream runs
+                ``during``; the pair spans them all."""
                 start, end = events()
                 start.record()
                 for stream, (target, source) in zip(side, pairs):
@@ -72,30 +73,21 @@ def main() -> None:
                     with torch.cuda.stream(stream):
                         for _ in range(copies):
                             target.copy_(source, non_blocking=True)
+                during_events = during()
                 for stream in side[:len(pairs)]:
                     torch.cuda.current_stream().wait_stream(stream)
                 end.record()
-                return start, end
+                return (start, end), during_events
 
-            def copy_beside_compute(pairs=pairs):
-                """The copies of ``copy`` while the default stream computes: the pair times
-                the matmuls; the copies' span is kept in ``copy_events``."""
-                copy_start, copy_end = events()
-                copy_start.record()
-                for stream, (target, source) in zip(side, pairs):
-                    stream.wait_stream(torch.cuda.current_stream())
-                    with torch.cuda.stream(stream):
-                        for _ in range(copies):
-                            target.copy_(source, non_blocking=True)
-                compute_events = compute()
-                for stream in side[:len(pairs)]:
-                    torch.cuda.current_stream().wait_stream(stream)
-                copy_end.record()
-                copy_events.append((copy_start, copy_end))
+            def copy_beside_compute():
+                """The copies while the default stream computes: the pair times the matmuls;
+                the copies' span is kept in ``copy_events``."""
+                copy_events_now, compute_events = copy(during=compute)
+                copy_events.append(copy_events_now)
                 return compute_events
 
             moved = copies * size * len(pairs)
-            copy_s = median_s(copy)
+            copy_s = median_s(lambda: copy()[0])
             copy_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
             compute_beside_s = median_s(copy_beside_compute)
             # Copies and matmuls began together; the later of the two ends the span.
