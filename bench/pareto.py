@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -19,6 +20,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu import MODELS  # noqa: E402
+
 GiB = 2**30
 STYLE = {  # kind -> (color, marker)
     "naive eager": ("black", "o"),
@@ -26,12 +30,15 @@ STYLE = {  # kind -> (color, marker)
     "torch.compile": ("tab:orange", "^"),
     "memplan eager": ("tab:blue", "D"),
     "memplan compiled": ("tab:green", "P"),
+    "memplan eager + CUDA graphs": ("tab:cyan", "d"),
+    "memplan compiled + CUDA graphs": ("tab:olive", "X"),
 }
 
 
 def model_key(path: Path) -> str:
-    """``gpu_densenet100_compiled_b.json`` -> ``densenet100``."""
-    return path.stem.split("_")[1]
+    """``gpu_densenet100_compiled_b.json`` -> ``densenet100``; the longest of bench/gpu.py's
+    model names that the file's name starts with (``gpt2m_sdpa`` before ``gpt2m``)."""
+    return max((name for name in MODELS if path.stem.startswith(f"gpu_{name}")), key=len)
 
 
 def frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
