@@ -15,7 +15,7 @@ from memplan import report as report_module
 from memplan.budget import parse_budget
 from memplan.capture import CapturedStep, capture, device_of
 from memplan.cost_models import check_cost_model, node_times
-from memplan.cuda_graphs import check_replayable, held_bytes
+from memplan.cuda_graphs import check_inputs, check_replayable, held_bytes
 from memplan.errors import InfeasibleBudgetError
 from memplan.executor import PlannedModule
 from memplan.graph import JointGraph
@@ -217,6 +217,8 @@ def optimize(model: torch.nn.Module, budget: Any, *, example_inputs: tuple | Non
         if cuda_graphs and device.type != "cuda":
             raise ValueError(f"memplan: cuda_graphs=True needs the model and its inputs on a CUDA "
                              f"device, not {device}; move them there, or leave cuda_graphs off")
+        if cuda_graphs:
+            check_inputs(flat)
         holder: dict[str, PlanResult] = {}
 
         def planner(graph: JointGraph, joint: torch.fx.GraphModule) -> Program:

@@ -411,6 +411,7 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, planner: Planner,
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     fake_inputs = [fake_mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in flat_inputs]
     compiled: list[fx.GraphModule] = []
+    on_cudnn: set[str] = set()  # the BatchNorms the forward runs on cuDNN, and their outputs
 
     def compile_one(graph_module: fx.GraphModule, _inputs: Any) -> Callable[..., Any]:
         compiled.append(graph_module)
@@ -418,12 +419,12 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, planner: Planner,
 
     def compile_forward(graph_module: fx.GraphModule, inputs: Any) -> Callable[..., Any]:
         update_buffers_in_place(graph_module, [n.name for n in result["graph"].nodes if n.mutated])
-        use_cudnn_batch_norm(graph_module)
+        use_cudnn_batch_norm(graph_module, on_cudnn)
         return compile_one(graph_module, inputs)
 
     def compile_backward(graph_module: fx.GraphModule, inputs: Any) -> Callable[..., Any]:
         recompute_without_running_stats(graph_module)
-        use_cudnn_batch_norm(graph_module)
+        use_cudnn_batch_norm(graph_module, on_cudnn)
         return compile_one(graph_module, inputs)
 
     with _recursion_limit(_DEEP_MODEL_RECURSION):

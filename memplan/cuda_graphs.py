@@ -44,21 +44,27 @@ def held_bytes(model: torch.nn.Module, flat_inputs: list[Any], graph: JointGraph
                for n in [t.nbytes for t in tensors] + tangents)
 
 
-def check_gradients_cleared(model: torch.nn.Module) -> None:
+def check_gradients_cleared(model: torch.nn.Module, flat_inputs: list[Any]) -> None:
     """A replay writes the gradients into the graphs' buffers, which autograd then takes as
     ``.grad`` without a copy: a gradient still there would be overwritten, then added to."""
-    if any(p.grad is not None for p in model.parameters()):
+    inputs = [t for t in flat_inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    if any(t.grad is not None for t in [*model.parameters(), *inputs]):
         raise ValueError("memplan: with cuda_graphs=True each step's gradients are the graphs' "
                          "buffers, which the next step overwrites, so gradients cannot be "
                          "accumulated across steps: set them to None before each step "
                          "(optimizer.zero_grad(), whose default does), or leave cuda_graphs off")
 
 
-def check_replayable(model: torch.nn.Module, step: CapturedStep, flat_inputs: list[Any]) -> None:
-    """Refuse, right after planning, a step that a CUDA graph cannot replay."""
+def check_inputs(flat_inputs: list[Any]) -> None:
+    """Refuse, before planning, inputs that a replay could not take."""
     if not all(isinstance(t, torch.Tensor) for t in flat_inputs):
         raise ValueError("memplan: cuda_graphs=True needs the model's inputs to be tensors only; "
                          "pass other values as attributes of the model, or leave cuda_graphs off")
+
+
+def check_replayable(model: torch.nn.Module, step: CapturedStep, flat_inputs: list[Any]) -> None:
+    """Refuse, right after planning, a step that a CUDA graph cannot replay."""
+    check_inputs(flat_inputs)
     if any(node.target is draw for node in step.fx_joint.graph.nodes):
         raise ValueError(f"memplan: cuda_graphs=True cannot replay {type(model).__name__}'s "
                          "dropout: memplan draws and replays dropout masks from the generator's "
@@ -79,23 +85,28 @@ def graphed_step(model: torch.nn.Module, step: CapturedStep,
     forward_graph, backward_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
     pool = torch.cuda.graph_pool_handle()
     torch.cuda.synchronize()
-    # cuBLAS keeps a workspace per stream it ran on; the warm-up makes those of the capture's
-    # stream, and the default stream's would be held beside them (inductor's graph trees too
-    # clear them before recording).
+    # cuBLAS keeps a workspace per stream and thread, and a graph's kernels keep writing to the
+    # one they were captured with. So the workspaces are dropped before the warm-up (the default
+    # stream's, which the plan counted, would be held beside the graphs'), and before and after
+    # the capture, as inductor's graph trees do: the graphs' own are allocated inside their
+    # pool, which nothing else allocates from, and no later capture can free them.
     torch._C._cuda_clearCublasWorkspaces()
     torch.cuda.empty_cache()
     try:
         with torch.cuda.stream(stream):
             warm_up = tuple(step.run(*static_inputs))
-            _gradients(warm_up, surface, [torch.empty_like(o) for o in warm_up])
+            _gradients(warm_up, surface,
+                       [torch.empty_like(o) if o.requires_grad else None for o in warm_up])
             del warm_up
         torch.cuda.synchronize()
+        torch._C._cuda_clearCublasWorkspaces()
         torch.cuda.empty_cache()  # what the warm-up cached outside the graphs' pool
         with torch.cuda.graph(forward_graph, pool=pool, stream=stream):
             outputs = tuple(step.run(*static_inputs))
         grad_outputs = [torch.empty_like(o) if o.requires_grad else None for o in outputs]
         with torch.cuda.graph(backward_graph, pool=pool, stream=stream):
             gradients = _gradients(outputs, surface, grad_outputs)
+        torch._C._cuda_clearCublasWorkspaces()
         # Let the capture's autograd graph go: its parameters' gradient accumulators were made
         # on the capture's stream, and autograd would synchronise the replays' backward with it.
         outputs = tuple(o.detach() for o in outputs)
@@ -112,13 +123,15 @@ def graphed_step(model: torch.nn.Module, step: CapturedStep,
                 if static.data_ptr() != tensor.data_ptr():
                     static.copy_(tensor)
             forward_graph.replay()
-            return tuple(o.detach() for o in outputs)
+            returned = tuple(o.detach() for o in outputs)
+            ctx.mark_non_differentiable(*(r for r, g in zip(returned, grad_outputs) if g is None))
+            return returned
 
         @staticmethod
         @torch.autograd.function.once_differentiable
         def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
             for static, grad in zip(grad_outputs, grads):
-                if static is not None and static.data_ptr() != grad.data_ptr():
+                if static is not None and grad is not None and static.data_ptr() != grad.data_ptr():
                     static.copy_(grad)
             backward_graph.replay()
             return tuple(None if g is None else g.detach() for g in gradients)

@@ -71,7 +71,7 @@ class PlannedModule(torch.nn.Module):
         flat = pytree.tree_leaves((args, kwargs))
         step, out_spec = self.prepare(args, kwargs)
         if self.cuda_graphs:
-            check_gradients_cleared(self._model)
+            check_gradients_cleared(self._model, flat)
             key = signature(flat, self._model.training)
             if key not in self._graphed:
                 self._graphed[key] = graphed_step(self._model, step, flat)

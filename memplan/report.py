@@ -83,7 +83,7 @@ def render_text(result: PlanResult) -> str:
         f"  planned peak      {_size(planned['peak_bytes'])}  at {planned['peak_at']}"
         f"  ({planned['peak_bytes'] / max(1, base['peak_bytes']):.0%} of unplanned)",
         *([f"  CUDA graphs       +{_size(data['cuda_graphs_bytes'])} beside it (static inputs, "
-           "output gradients)"] if data["cuda_graphs_bytes"] else []),
+           "output gradients, buffers' copy)"] if data["cuda_graphs_bytes"] else []),
         f"  overhead          +{planned['predicted_overhead']:.1%} compute (predicted)",
         f"  method            {data['method']}  (solved in {data['solve_time_s']:.2f} s"
         + ("" if data["gap"] is None else f", optimality gap {data['gap']:.1%}") + ")",

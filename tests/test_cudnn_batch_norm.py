@@ -57,8 +57,9 @@ def test_forward_and_backward_batch_norms_go_to_cudnn(planned_graphs, monkeypatc
     recomputed = before[1].get(aten._native_batch_norm_legit.no_stats, 0)
     assert recomputed > 0 and before[1][aten.native_batch_norm_backward.default] == 39
 
-    use_cudnn_batch_norm(forward)
-    use_cudnn_batch_norm(backward)
+    on_cudnn = set()
+    use_cudnn_batch_norm(forward, on_cudnn)
+    use_cudnn_batch_norm(backward, on_cudnn)
     assert targets(forward) == {aten.cudnn_batch_norm.default: 39}
     assert targets(backward) == {aten.cudnn_batch_norm.default: recomputed,
                                  aten.cudnn_batch_norm_backward.default: 39}
@@ -76,14 +77,42 @@ def test_forward_and_backward_batch_norms_go_to_cudnn(planned_graphs, monkeypatc
 def test_batch_norms_stay_on_aten_where_eager_would_not_call_cudnn(planned_graphs, monkeypatch):
     forward, _ = planned_graphs
     unchanged = copy.deepcopy(forward)
-    use_cudnn_batch_norm(unchanged)  # CPU values
+    use_cudnn_batch_norm(unchanged, set())  # CPU values
     assert targets(unchanged) == {aten._native_batch_norm_legit.default: 39}
 
     with_reserve = on_cuda(forward, reserve_bytes=512, monkeypatch=monkeypatch)
-    use_cudnn_batch_norm(with_reserve)  # the backward would need the reserve space saved
+    use_cudnn_batch_norm(with_reserve, set())  # the backward would need the reserve space saved
     assert targets(with_reserve) == {aten._native_batch_norm_legit.default: 39}
 
     cudnn_off = on_cuda(forward, monkeypatch=monkeypatch)
     with torch.backends.cudnn.flags(enabled=False):
-        use_cudnn_batch_norm(cudnn_off)
+        use_cudnn_batch_norm(cudnn_off, set())
     assert targets(cudnn_off) == {aten._native_batch_norm_legit.default: 39}
+
+
+def test_without_a_bias_batch_norm_stays_on_aten_as_in_eager(planned_graphs, monkeypatch):
+    forward = on_cuda(planned_graphs[0], monkeypatch=monkeypatch)
+    for node in forward.graph.find_nodes(op="call_function",
+                                         target=aten._native_batch_norm_legit.default):
+        node.args = (*node.args[:2], None, *node.args[3:])
+    use_cudnn_batch_norm(forward, set())
+    assert targets(forward) == {aten._native_batch_norm_legit.default: 39}
+
+
+def test_recomputations_and_backwards_follow_their_forward(planned_graphs, monkeypatch):
+    """A forward BatchNorm left on ATen's kernels keeps its recomputation and backward there;
+    a backward that needs no input gradient stays on ATen's (cuDNN's would compute one)."""
+    forward, backward = (on_cuda(g, monkeypatch=monkeypatch) for g in planned_graphs)
+    alone = copy.deepcopy(backward)
+    use_cudnn_batch_norm(alone, set())  # no forward on cuDNN
+    assert aten.cudnn_batch_norm.default not in targets(alone)
+    assert aten.cudnn_batch_norm_backward.default not in targets(alone)
+
+    first = next(iter(backward.graph.find_nodes(op="call_function",
+                                                target=aten.native_batch_norm_backward.default)))
+    first.args = (*first.args[:9], [False, True, True])
+    on_cudnn = set()
+    use_cudnn_batch_norm(forward, on_cudnn)
+    use_cudnn_batch_norm(backward, on_cudnn)
+    assert first.target is aten.native_batch_norm_backward.default
+    assert targets(backward)[aten.cudnn_batch_norm_backward.default] == 38
