@@ -20,6 +20,7 @@ are restored after the capture, so that the first replay is the user's first ste
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
@@ -116,25 +117,55 @@ def graphed_step(model: torch.nn.Module, step: CapturedStep,
         torch.set_rng_state(cpu_rng)
         torch.cuda.set_rng_state(cuda_rng)
 
+    return replaying(Captured(forward_graph, backward_graph, static_inputs, outputs, grad_outputs,
+                              gradients), parameters)
+
+
+@dataclass(frozen=True)
+class Captured:
+    """Two captured graphs and the static tensors they read and write."""
+
+    forward_graph: Any  # anything with replay(): a torch.cuda.CUDAGraph
+    backward_graph: Any
+    static_inputs: tuple[torch.Tensor, ...]
+    outputs: tuple[torch.Tensor, ...]
+    grad_outputs: list[torch.Tensor | None]  # None for an output that needs no gradient
+    gradients: list[torch.Tensor | None]  # one per input, then per parameter
+
+
+def replaying(captured: Captured, parameters: tuple[torch.Tensor, ...]) -> Callable[..., tuple]:
+    """The step as an autograd function that replays ``captured``: inputs and output gradients
+    are copied into the static buffers, outputs and gradients are the graphs' own. A backward
+    after a later forward is refused: that forward's replay overwrote what it reads."""
+    forwards = [0]
+
     class Replay(torch.autograd.Function):
         @staticmethod
         def forward(ctx: Any, *given: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            for static, tensor in zip(static_inputs, given):
+            for static, tensor in zip(captured.static_inputs, given):
                 if static.data_ptr() != tensor.data_ptr():
                     static.copy_(tensor)
-            forward_graph.replay()
-            returned = tuple(o.detach() for o in outputs)
-            ctx.mark_non_differentiable(*(r for r, g in zip(returned, grad_outputs) if g is None))
+            captured.forward_graph.replay()
+            forwards[0] += 1
+            ctx.forward = forwards[0]
+            returned = tuple(o.detach() for o in captured.outputs)
+            ctx.mark_non_differentiable(
+                *(r for r, g in zip(returned, captured.grad_outputs) if g is None))
             return returned
 
         @staticmethod
         @torch.autograd.function.once_differentiable
         def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-            for static, grad in zip(grad_outputs, grads):
+            if ctx.forward != forwards[0]:
+                raise RuntimeError("memplan: with cuda_graphs=True a step's backward must come "
+                                   "before the next forward, whose replay overwrites the values "
+                                   "it saved for backward; call backward first, or leave "
+                                   "cuda_graphs off")
+            for static, grad in zip(captured.grad_outputs, grads):
                 if static is not None and grad is not None and static.data_ptr() != grad.data_ptr():
                     static.copy_(grad)
-            backward_graph.replay()
-            return tuple(None if g is None else g.detach() for g in gradients)
+            captured.backward_graph.replay()
+            return tuple(None if g is None else g.detach() for g in captured.gradients)
 
     return lambda *flat: Replay.apply(*flat, *parameters)
 
