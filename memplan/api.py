@@ -15,7 +15,7 @@ from memplan import report as report_module
 from memplan.budget import parse_budget
 from memplan.capture import CapturedStep, capture, device_of
 from memplan.cost_models import check_cost_model, node_times
-from memplan.cuda_graphs import check_inputs, check_replayable, held_bytes
+from memplan.cuda_graphs import check_dropout, check_inputs, held_bytes
 from memplan.errors import InfeasibleBudgetError
 from memplan.executor import PlannedModule
 from memplan.graph import JointGraph
@@ -231,7 +231,7 @@ def optimize(model: torch.nn.Module, budget: Any, *, example_inputs: tuple | Non
 
         step, out_spec = capture(model, args, kwargs, planner, compile=compile)
         if cuda_graphs:
-            check_replayable(model, step, flat)
+            check_dropout(model, step)
         plan.latest = holder["result"]
         return step, out_spec
 

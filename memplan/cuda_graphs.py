@@ -63,9 +63,8 @@ def check_inputs(flat_inputs: list[Any]) -> None:
                          "pass other values as attributes of the model, or leave cuda_graphs off")
 
 
-def check_replayable(model: torch.nn.Module, step: CapturedStep, flat_inputs: list[Any]) -> None:
-    """Refuse, right after planning, a step that a CUDA graph cannot replay."""
-    check_inputs(flat_inputs)
+def check_dropout(model: torch.nn.Module, step: CapturedStep) -> None:
+    """Refuse, right after planning, a step whose dropout a CUDA graph cannot replay."""
     if any(node.target is draw for node in step.fx_joint.graph.nodes):
         raise ValueError(f"memplan: cuda_graphs=True cannot replay {type(model).__name__}'s "
                          "dropout: memplan draws and replays dropout masks from the generator's "
@@ -76,7 +75,8 @@ def check_replayable(model: torch.nn.Module, step: CapturedStep, flat_inputs: li
 def graphed_step(model: torch.nn.Module, step: CapturedStep,
                  flat_inputs: list[Any]) -> Callable[..., tuple]:
     """Capture ``step`` for inputs shaped as ``flat_inputs``; call the result with such inputs."""
-    check_replayable(model, step, flat_inputs)
+    check_inputs(flat_inputs)
+    check_dropout(model, step)
     static_inputs = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in flat_inputs)
     parameters = tuple(model.parameters())
     surface = static_inputs + parameters  # what a gradient may be returned for
