@@ -118,6 +118,7 @@ MODELS = {
 
 
 CUDA_GRAPHS = False  # plan memplan's rows for CUDA graphs and replay them so too (``--cuda-graphs``)
+OFFLOAD = False  # beside each memplan eager row, the same budget planned with offload (``--offload``)
 ROWS: list[dict] = []  # every row measured so far, written out after each (a run may time out)
 WRITE = None
 
@@ -149,18 +150,18 @@ def torch_compile_row(model, x, budget: float) -> dict:
         torch._functorch.config.activation_memory_budget = 1.0
 
 
-def memplan_row(model, x, budget, label: str, compile: bool) -> dict:
+def memplan_row(model, x, budget, label: str, compile: bool, offload: bool = False) -> dict:
     torch._dynamo.reset()
     start = time.perf_counter()
     plan = memplan.optimize(model, budget, example_inputs=(x,), compile=compile,
-                            cuda_graphs=CUDA_GRAPHS)
+                            cuda_graphs=CUDA_GRAPHS, offload=offload)
     plan.module.cuda_graphs = False  # measured plainly first, then replayed (``graphed_row``)
     plan.module(x).float().sum().backward()
     plan_s = time.perf_counter() - start
     chosen = plan._result().chosen
-    mode = "compiled" if compile else "eager"
+    mode = "compiled" if compile else "eager + offload" if offload else "eager"
     numbers = dict(predicted=plan.predicted_peak_bytes, budget=plan.budget_bytes,
-                   predicted_ms=(chosen.step_s + chosen.recompute_s) * 1e3,
+                   predicted_ms=(chosen.step_s + chosen.recompute_s + chosen.stall_s) * 1e3,
                    minimum=plan.minimum_budget_bytes)
     row = measured(f"memplan {mode} {label} ({plan.method})", plan.module, x, plan_s=plan_s,
                    kind=f"memplan {mode}", **numbers)
@@ -241,6 +242,8 @@ def memplan_rows(model, x, compile: bool, budgets: list[str]) -> list[dict]:
         try:
             rows.append(memplan_row(model, x, budget, budget, compile))
             minimum = rows[-1]["minimum"] if minimum is None else min(minimum, rows[-1]["minimum"])
+            if OFFLOAD and not compile:
+                rows.append(memplan_row(model, x, budget, budget, compile, offload=True))
         except memplan.InfeasibleBudgetError as error:
             print(f"memplan {budget} infeasible: {error}", flush=True)
             minimum = error.minimum_bytes if minimum is None else min(minimum, error.minimum_bytes)
@@ -324,6 +327,8 @@ def main() -> None:
     parser.add_argument("--budgets", nargs="*", default=[*BUDGETS, "minimum"])
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="add each memplan plan replayed as CUDA graphs")
+    parser.add_argument("--offload", action="store_true",
+                        help="add each memplan eager budget planned with offload=True")
     parser.add_argument("--no-tf32", action="store_true",
                         help="full fp32: TF32 off for convolutions and matmuls")
     parser.add_argument("--deterministic", action="store_true",
@@ -350,9 +355,9 @@ def main() -> None:
             dict(model=title, device=torch.cuda.get_device_name(), torch=torch.__version__,
                  command=command, rows=ROWS), indent=1))
 
-    global WRITE, CUDA_GRAPHS
+    global WRITE, CUDA_GRAPHS, OFFLOAD
     WRITE = write if args.out_dir else None
-    CUDA_GRAPHS = args.cuda_graphs
+    CUDA_GRAPHS, OFFLOAD = args.cuda_graphs, args.offload
     run(args.model, args.compile, eager=not args.no_eager,
         anchors=[] if args.no_anchors else args.anchor_budgets, budgets=args.budgets)
     print(header + "\n" + table(ROWS))

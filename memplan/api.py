@@ -14,7 +14,7 @@ import torch.utils._pytree as pytree
 from memplan import report as report_module
 from memplan.budget import parse_budget
 from memplan.capture import CapturedStep, capture, device_of
-from memplan.cost_models import check_cost_model, node_times
+from memplan.cost_models import check_cost_model, for_device, node_times
 from memplan.cuda_graphs import check_dropout, check_inputs, held_bytes
 from memplan.errors import InfeasibleBudgetError
 from memplan.executor import PlannedModule
@@ -22,6 +22,7 @@ from memplan.graph import JointGraph
 from memplan.program import Program
 from memplan.sac import PlanPolicy
 from memplan.solvers import SOLVERS, SolverConfig, StepSchedule, solve, solve_auto
+from memplan.solvers.offload import HostLink, improve
 
 METHODS = ("auto", *SOLVERS)
 
@@ -70,11 +71,24 @@ def _free_device_bytes(device: torch.device) -> int | None:
     return free
 
 
+def host_link(device: torch.device) -> HostLink:
+    """The device's link to pinned host memory, as the offload planner prices it."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    rates = for_device(device.type, name).rates
+    if not rates.host_link_bytes_per_s:
+        raise ValueError(f"memplan: offload=True moves saved values from a CUDA device to host "
+                         f"memory; the model and its inputs are on {device}. Move them to a "
+                         "CUDA device, or leave offload off")
+    # four executor calls per value (to_host, arrived, to_device, arrived), each an op's dispatch
+    return HostLink(rates.host_link_bytes_per_s, host_s=4 * rates.dispatch_s)
+
+
 def plan_step(graph: JointGraph, budget: Any, method: str, device: torch.device, *,
               node_time_s: dict[str, float], time_limit_s: float = 30.0,
-              graphs_bytes: int = 0) -> PlanResult:
+              graphs_bytes: int = 0, link: HostLink | None = None) -> PlanResult:
     """Solve for one captured graph: the cheapest schedule whose simulated peak fits, beside
-    ``graphs_bytes`` of CUDA graphs."""
+    ``graphs_bytes`` of CUDA graphs; with a ``link``, each fitting schedule is also tried with
+    some of its recomputation offloaded instead."""
     config = SolverConfig(node_time_s=node_time_s, time_limit_s=time_limit_s)
     unlimited = 2**62
     baseline = solve("none", graph, unlimited, config=config)
@@ -102,6 +116,13 @@ def plan_step(graph: JointGraph, budget: Any, method: str, device: torch.device,
             + (f" ({CUDA_HEADROOM:.1%} of a CUDA budget is kept as headroom)" if headroom else "")
             + ("" if method == "auto" else " or use method='auto'") + ", or a smaller batch.",
             minimum_bytes=minimum)
+    if link is not None:
+        offloading = [improve(graph, s, planned_bytes, config=config, link=link)
+                      for s in alternatives if s.feasible]
+        best = min(offloading, key=lambda s: s.recompute_s + s.stall_s)
+        if best.program.offloaded:
+            chosen = best
+            alternatives = [best, *alternatives]
     return PlanResult(graph=graph, budget_bytes=budget_bytes, baseline=baseline, chosen=chosen,
                       alternatives=alternatives, device=str(device), headroom_bytes=headroom,
                       graphs_bytes=graphs_bytes)
@@ -174,7 +195,7 @@ class Plan:
 
 def optimize(model: torch.nn.Module, budget: Any, *, example_inputs: tuple | None = None,
              example_kwargs: dict | None = None, method: str = "auto", compile: bool = False,
-             cuda_graphs: bool = False, cost_model: str = "analytic",
+             cuda_graphs: bool = False, offload: bool = False, cost_model: str = "analytic",
              time_limit_s: float = 30.0) -> Plan:
     """Plan ``model``'s training step to fit ``budget``; see ``memplan.parse_budget`` for forms.
 
@@ -194,6 +215,10 @@ def optimize(model: torch.nn.Module, budget: Any, *, example_inputs: tuple | Non
     no launch costs, but the step's memory stays reserved between steps, and its outputs and
     gradients are overwritten by the next step (set gradients to None between steps).
 
+    With ``offload=True`` (CUDA, eager executor) saved values may also wait in pinned host
+    memory instead of being recomputed (``memplan.solvers.offload``): copied out during forward
+    and back ahead of their use in backward, on a stream beside compute.
+
     >>> plan = optimize(model, budget="60%", example_inputs=(x,))   # doctest: +SKIP
     >>> loss_fn(plan.module(x), y).backward()                       # doctest: +SKIP
     """
@@ -207,6 +232,9 @@ def optimize(model: torch.nn.Module, budget: Any, *, example_inputs: tuple | Non
                       "DenseNet-BC-100 and GPT-2 medium measured 1.9% and 0.6% under it, "
                       "DenseNet-BC-100's 6.6% under it in full fp32)",
                       stacklevel=2)
+    if offload and (compile or cuda_graphs):
+        raise ValueError("memplan: offload=True runs on the eager executor only; leave "
+                         f"{'compile' if compile else 'cuda_graphs'} off to offload, or offload off")
     if not isinstance(budget, (int, float, str)):
         parse_budget(budget)  # raises the error that lists the accepted forms
     plan: Plan
@@ -219,6 +247,7 @@ def optimize(model: torch.nn.Module, budget: Any, *, example_inputs: tuple | Non
                              f"device, not {device}; move them there, or leave cuda_graphs off")
         if cuda_graphs:
             check_inputs(flat)
+        link = host_link(device) if offload else None
         holder: dict[str, PlanResult] = {}
 
         def planner(graph: JointGraph, joint: torch.fx.GraphModule) -> Program:
@@ -226,7 +255,8 @@ def optimize(model: torch.nn.Module, budget: Any, *, example_inputs: tuple | Non
                                host_dispatch=not (compile or cuda_graphs))
             graphs_bytes = held_bytes(model, flat, graph) if cuda_graphs else 0
             holder["result"] = plan_step(graph, budget, method, device, node_time_s=times,
-                                         time_limit_s=time_limit_s, graphs_bytes=graphs_bytes)
+                                         time_limit_s=time_limit_s, graphs_bytes=graphs_bytes,
+                                         link=link)
             return holder["result"].chosen.program
 
         step, out_spec = capture(model, args, kwargs, planner, compile=compile)

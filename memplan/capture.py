@@ -35,6 +35,7 @@ from memplan.passes.buffer_updates import (free_backward_of_running_stats,
 from memplan.passes.cudnn_batch_norm import use_cudnn_batch_norm
 from memplan.passes.dropout import (draw, recompute_dropout_from_mask, replay_dropout_masks,
                                     reuse_draws_in_forward)
+from memplan.passes.offload import fetch_in_backward, offload_in_forward
 from memplan.passes.partition import split
 from memplan.graph import (CUDA_ALLOCATOR_ROUNDING, Category, JointGraph, Node, Phase, Storage,
                            allocated_bytes)
@@ -402,8 +403,9 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, planner: Planner,
     gm, out_spec, user_outputs = _flat_module(model, args, kwargs)
     flat_inputs = pytree.tree_leaves((args, kwargs))
     result: dict[str, Any] = {}
+    device = device_of(model, flat_inputs)
     partition = make_partition(
-        planner, result, device=device_of(model, flat_inputs), user_outputs=user_outputs,
+        planner, result, device=device, user_outputs=user_outputs,
         param_count=len(list(gm.named_parameters(remove_duplicate=False))),
         buffer_count=len(list(gm.named_buffers(remove_duplicate=False))),
         model=model, flat_inputs=flat_inputs, eager=not compile,
@@ -420,9 +422,11 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, planner: Planner,
     def compile_forward(graph_module: fx.GraphModule, inputs: Any) -> Callable[..., Any]:
         update_buffers_in_place(graph_module, [n.name for n in result["graph"].nodes if n.mutated])
         use_cudnn_batch_norm(graph_module, on_cudnn)
+        offload_in_forward(graph_module, result["program"].offloaded)
         return compile_one(graph_module, inputs)
 
     def compile_backward(graph_module: fx.GraphModule, inputs: Any) -> Callable[..., Any]:
+        fetch_in_backward(graph_module, result["program"].offloaded, device)  # steps as planned
         recompute_without_running_stats(graph_module)
         use_cudnn_batch_norm(graph_module, on_cudnn)
         return compile_one(graph_module, inputs)

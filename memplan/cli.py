@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     plan.add_argument("--method", default="auto", choices=METHODS)
     plan.add_argument("--batch-size", type=int, default=None, help="passed to example_inputs()")
     plan.add_argument("--device", default="cpu")
+    plan.add_argument("--offload", action="store_true",
+                      help="let saved values wait in host memory (CUDA devices)")
     plan.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
 
@@ -51,9 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     if budget.isdigit():
         budget = int(budget)
     try:
-        result = memplan.optimize(model, budget, example_inputs=inputs, method=args.method)
-    except (memplan.BudgetError, memplan.InfeasibleBudgetError, memplan.CaptureError) as error:
-        print(f"memplan: {error}", file=sys.stderr)
+        result = memplan.optimize(model, budget, example_inputs=inputs, method=args.method,
+                                  offload=args.offload)
+    except (memplan.BudgetError, memplan.InfeasibleBudgetError, memplan.CaptureError,
+            ValueError) as error:
+        print(f"memplan: {str(error).removeprefix('memplan: ')}", file=sys.stderr)
         return 2
     print(result.to_json() if args.json else result.report())
     return 0

@@ -5,7 +5,8 @@ and inputs are resident throughout; the forward graph frees each value after its
 saved values live until their last use in backward (the backward receives them in a list it
 clears, so each is freed as soon as backward is done with it); the user's outputs live until the
 end of the step; the loss (a scalar and its gradient seed) and the tangents are allocated when
-backward starts; gradients are kept.
+backward starts; gradients are kept. An offloaded value leaves the device after its transfer's
+``free_after`` node and is allocated again when its copy back starts.
 
 Memory is counted per storage instance: a view adds nothing, a recomputation allocates anew.
 """
@@ -18,7 +19,7 @@ from memplan.graph import Category, JointGraph, Phase
 from memplan.program import Program
 
 _Key = tuple[int, int]  # (storage id, instance: step that allocated it, or a negative tag)
-_FORWARD, _TANGENT, _RESIDENT = -1, -2, -3
+_FORWARD, _TANGENT, _RESIDENT, _FETCHED = -1, -2, -3, -4
 
 
 @dataclass(frozen=True)
@@ -90,8 +91,9 @@ def forward_end_bytes(graph: JointGraph, program: Program) -> int:
     """A lower bound of ``simulate(graph, program).peak_bytes``, without the simulation: the
     bytes live as the forward ends, when every saved value and forward output is held."""
     resident = graph._primal_storages
-    held = {s for name in (*program.saved, *graph.forward_outputs) for s in graph[name].storages
-            if s not in resident}
+    offloaded = {t.name for t in program.offloaded}
+    held = {s for name in (*program.saved, *graph.forward_outputs) if name not in offloaded
+            for s in graph[name].storages if s not in resident}
     return graph.resident_bytes + sum(graph.storages[s].nbytes for s in held)
 
 
@@ -125,7 +127,10 @@ def simulate(graph: JointGraph, program: Program) -> Timeline:
         for src in graph[name].inputs:
             if src in position:
                 last_use[src] = max(last_use[src], position[name])
-    handed_on = set(graph.forward_outputs) | set(program.saved)
+    for transfer in program.offloaded:
+        last_use[transfer.name] = max(last_use[transfer.name], position[transfer.free_after])
+    offloaded = {t.name for t in program.offloaded}
+    handed_on = set(graph.forward_outputs) | set(program.saved) - offloaded
     dying: dict[int, list[str]] = {}
     for name, step in last_use.items():
         if name not in handed_on:
@@ -143,13 +148,19 @@ def simulate(graph: JointGraph, program: Program) -> Timeline:
     # Backward: placeholders are the saved values and the tangents; a name may be recomputed
     # more than once, and every use reads its latest instance.
     placeholder_keys = {name: fw_keys.get(name) or resident_keys[name] for name in program.saved}
+    for name in offloaded:  # a new device copy, allocated when it is fetched
+        placeholder_keys[name] = tuple((s, _FETCHED) for s in graph[name].storages)
+    fetches: dict[int, list[str]] = {}
+    for transfer in program.offloaded:
+        fetches.setdefault(transfer.fetch_after + 1, []).append(transfer.name)
     for name in program.saved:  # the backward's input list takes a reference
-        ledger.hold(placeholder_keys[name])
+        if name not in offloaded:
+            ledger.hold(placeholder_keys[name])
     mutations = graph.forward_outputs[:len(graph.forward_outputs) - graph.user_output_count]
     for name in mutations:  # the runtime copies them into the buffers, then drops them
         ledger.release(fw_keys.get(name, ()))
     for name in program.saved:  # the forward's own reference ends with the forward
-        if name in fw_keys and name not in graph.forward_outputs:
+        if name in fw_keys and name not in graph.forward_outputs and name not in offloaded:
             ledger.release(fw_keys[name])
     ledger.live += graph.loss_bytes
     ledger.by_category[Category.TEMPORARY] += graph.loss_bytes
@@ -179,6 +190,10 @@ def simulate(graph: JointGraph, program: Program) -> Timeline:
 
     bw_keys: dict[tuple[str, int], tuple[_Key, ...]] = {}
     for j, name in enumerate(program.backward):
+        for fetched in fetches.get(j, ()):
+            for key in placeholder_keys[fetched]:
+                ledger.allocate(key)
+            ledger.hold(placeholder_keys[fetched])
         inputs = [bw_keys[ref] if ref[1] >= 0 else placeholder_keys.get(ref[0]) or
                   resident_keys.get(ref[0], ()) for ref in binding[j]]
         for s in graph.allocates[name]:

@@ -13,6 +13,9 @@ simulator in :mod:`memplan.liveness` predicts the memory of the code that really
 
 A backward order may name a forward node more than once (recursive schedules recompute a value
 again after freeing it); every use then reads the latest computation.
+
+A saved value may also be offloaded (:class:`Transfer`): copied to host memory as it is made,
+its device copy dropped once the copy is done, and copied back ahead of its first use.
 """
 
 from __future__ import annotations
@@ -24,10 +27,20 @@ from memplan.graph import JointGraph, Node, Phase
 
 
 @dataclass(frozen=True)
+class Transfer:
+    """One offloaded saved value: where the device copy ends and where it comes back."""
+
+    name: str
+    free_after: str  # forward node after which the device waits for the copy and drops the value
+    fetch_after: int  # backward step after which the copy back starts; -1: before backward
+
+
+@dataclass(frozen=True)
 class Program:
     forward: tuple[str, ...]
     saved: tuple[str, ...]  # forward values handed to backward, in joint order
     backward: tuple[str, ...]
+    offloaded: tuple[Transfer, ...] = ()  # saved values that wait in host memory
 
     @property
     def recomputed(self) -> tuple[str, ...]:

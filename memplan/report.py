@@ -62,7 +62,12 @@ def to_dict(result: PlanResult) -> dict[str, Any]:
         "planned": {"peak_bytes": chosen.peak_bytes, "peak_at": timeline.peak_node,
                     "breakdown": timeline.peak_breakdown,
                     "predicted_overhead": chosen.overhead,
-                    "recompute_s": chosen.recompute_s, "step_s": chosen.step_s},
+                    "recompute_s": chosen.recompute_s, "step_s": chosen.step_s,
+                    "offload_wait_s": chosen.stall_s},
+        "offloaded": {"values": len(chosen.program.offloaded),
+                      "bytes": sum(result.graph.storages[s].nbytes
+                                   for t in chosen.program.offloaded
+                                   for s in result.graph[t.name].storages)},
         "alternatives": [{"method": s.method, "peak_bytes": s.peak_bytes, "feasible": s.feasible,
                           "predicted_overhead": s.overhead, "solve_time_s": s.solve_time_s}
                          for s in result.alternatives],
@@ -84,7 +89,12 @@ def render_text(result: PlanResult) -> str:
         f"  ({planned['peak_bytes'] / max(1, base['peak_bytes']):.0%} of unplanned)",
         *([f"  CUDA graphs       +{_size(data['cuda_graphs_bytes'])} beside it (static inputs, "
            "output gradients, buffers' copy)"] if data["cuda_graphs_bytes"] else []),
-        f"  overhead          +{planned['predicted_overhead']:.1%} compute (predicted)",
+        f"  overhead          +{planned['predicted_overhead']:.1%} step time (predicted: recomputation"
+        + (" and offload waits)" if data['offloaded']['values'] else ")"),
+        *([f"  offloaded         {data['offloaded']['values']} values, "
+           f"{_size(data['offloaded']['bytes'])} each way to host memory; the device waits "
+           f"{planned['offload_wait_s'] * 1e3:.1f} ms for them (predicted)"]
+          if data["offloaded"]["values"] else []),
         f"  method            {data['method']}  (solved in {data['solve_time_s']:.2f} s"
         + ("" if data["gap"] is None else f", optimality gap {data['gap']:.1%}") + ")",
         *([f"  solver            {data['solver_detail']}"] if data["solver_detail"] else []),

@@ -15,7 +15,7 @@ from memplan.graph import JointGraph
 COST_MODELS = ("analytic", "profile")
 
 __all__ = ["COST_MODELS", "DEVICES", "AnalyticCostModel", "OpTimeCache", "check_cost_model",
-           "node_times"]
+           "for_device", "node_times"]
 
 
 def check_cost_model(name: str) -> None:

@@ -20,14 +20,19 @@ class DeviceRates:
     bytes_per_s: float
     launch_s: float
     dispatch_s: float = 0.0
+    host_link_bytes_per_s: float = 0.0  # pinned host memory, each way; 0: nothing to offload to
 
 
 # dispatch_s: the eager executor's host time per op on the lent H200's host, fitted to the least
 # of interleaved step times of DenseNet-BC-100, ResNet-164 and GPT-2 medium plans
 # (bench/results/time_model_h200.md).
+# host_link_bytes_per_s: copies to and from pinned host memory on the lent H200
+# (bench/results/host_link_h200.md); the H100's is assumed the same (PCIe 5), not measured.
 DEVICES = {
-    "h100": DeviceRates(fp32_flops_per_s=50e12, bytes_per_s=3.0e12, launch_s=5e-6, dispatch_s=40e-6),
-    "h200": DeviceRates(fp32_flops_per_s=50e12, bytes_per_s=4.3e12, launch_s=5e-6, dispatch_s=40e-6),
+    "h100": DeviceRates(fp32_flops_per_s=50e12, bytes_per_s=3.0e12, launch_s=5e-6, dispatch_s=40e-6,
+                        host_link_bytes_per_s=55e9),
+    "h200": DeviceRates(fp32_flops_per_s=50e12, bytes_per_s=4.3e12, launch_s=5e-6, dispatch_s=40e-6,
+                        host_link_bytes_per_s=55e9),
     "cpu": DeviceRates(fp32_flops_per_s=100e9, bytes_per_s=20e9, launch_s=2e-6),
 }
 

@@ -41,6 +41,7 @@ class StepSchedule:
     reason: str = ""
     gap: float | None = None  # relative optimality gap, for solvers that can bound it
     detail: str = ""  # how the solver got there
+    stall_s: float = 0.0  # predicted time the device waits for offloaded values' copies
 
     @property
     def peak_bytes(self) -> int:
@@ -48,7 +49,7 @@ class StepSchedule:
 
     @property
     def overhead(self) -> float:
-        return self.recompute_s / self.step_s if self.step_s else 0.0
+        return (self.recompute_s + self.stall_s) / self.step_s if self.step_s else 0.0
 
 
 def recompute_seconds(graph: JointGraph, program: Program, times: Mapping[str, float]) -> float:

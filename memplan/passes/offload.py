@@ -1,0 +1,113 @@
+"""Offload saved values to host memory and fetch them back, where the program's transfers say.
+
+The forward graph copies each offloaded value to pinned host memory as soon as it is made and
+hands backward the host copy. After the transfer's ``free_after`` node the device waits for
+that copy, and only then drops the value, so that its memory is reused after the copy has read
+it. The backward graph allocates the value anew after step ``fetch_after`` and copies it back;
+the first node that reads it waits for that copy.
+
+Copies run on a side stream, ordered by events: the host never waits. Each copy's stream first
+waits for the compute stream, so that it reads a finished value and writes memory that compute
+no longer uses; memory is allocated and freed on the compute stream only, as the simulator
+counts it. Off CUDA the copies are plain copies, which tests use to check the rewrite.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.fx as fx
+
+from memplan.program import Transfer
+
+_side_streams: dict[torch.device, torch.cuda.Stream] = {}
+
+
+class InFlight(NamedTuple):
+    tensor: torch.Tensor
+    event: torch.cuda.Event | None  # recorded after the copy, on the side stream
+    device: torch.device  # whose compute stream waits for it
+
+
+def _copy(source: torch.Tensor, target: torch.Tensor, device: torch.device) -> InFlight:
+    if device.type != "cuda":
+        target.copy_(source)
+        return InFlight(target, None, device)
+    if device not in _side_streams:
+        _side_streams[device] = torch.cuda.Stream(device)
+    stream = _side_streams[device]
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        target.copy_(source, non_blocking=True)
+    return InFlight(target, stream.record_event(), device)
+
+
+def to_host(value: torch.Tensor) -> InFlight:
+    host = torch.empty_strided(value.size(), value.stride(), dtype=value.dtype, device="cpu",
+                               pin_memory=value.is_cuda)
+    return _copy(value, host, value.device)
+
+
+def to_device(host: torch.Tensor, device: torch.device) -> InFlight:
+    value = torch.empty_strided(host.size(), host.stride(), dtype=host.dtype, device=device)
+    return _copy(host, value, device)
+
+
+def arrived(flight: InFlight, *held: torch.Tensor) -> torch.Tensor:
+    """The copy's result, once the compute stream has waited for it; ``held`` stay alive until
+    here (the device value an offload reads)."""
+    if flight.event is not None:
+        torch.cuda.current_stream(flight.device).wait_event(flight.event)
+    return flight.tensor
+
+
+def offload_in_forward(forward: fx.GraphModule, transfers: Sequence[Transfer]) -> None:
+    """Copy each transferred value to the host; the graph returns the host copy instead."""
+    if not transfers:
+        return
+    graph = forward.graph
+    nodes = {node.name: node for node in graph.nodes}
+    host_copies: dict[fx.Node, fx.Node] = {}
+    for transfer in transfers:
+        value = nodes[transfer.name]
+        with graph.inserting_after(value):
+            flight = graph.call_function(to_host, (value,))
+        free_after = flight if transfer.free_after == transfer.name else nodes[transfer.free_after]
+        with graph.inserting_after(free_after):
+            host_copies[value] = graph.call_function(arrived, (flight, value))
+    output = graph.output_node()
+    output.args = (tuple(host_copies.get(arg, arg) for arg in output.args[0]),)
+    graph.lint()
+    forward.recompile()
+
+
+def fetch_in_backward(backward: fx.GraphModule, transfers: Sequence[Transfer],
+                      device: torch.device) -> None:
+    """Copy each transferred value back after its ``fetch_after`` step, for its first reader.
+    Call it on the graph ``memplan.passes.partition`` built: one node per program step."""
+    if not transfers:
+        return
+    graph = backward.graph
+    placeholders = {node.name: node for node in graph.find_nodes(op="placeholder")}
+    steps = [node for node in graph.nodes if node.op == "call_function"]
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    by_anchor: dict[fx.Node, list[fx.Node]] = defaultdict(list)
+    for transfer in transfers:
+        host = placeholders[transfer.name]
+        anchor = steps[transfer.fetch_after] if transfer.fetch_after >= 0 else list(placeholders.values())[-1]
+        by_anchor[anchor].append(host)
+    for anchor, hosts in by_anchor.items():
+        point = anchor
+        for host in sorted(hosts, key=lambda h: min(order[u] for u in h.users)):
+            readers = sorted(host.users, key=order.__getitem__)
+            with graph.inserting_after(point):
+                flight = graph.call_function(to_device, (host, device))
+            with graph.inserting_before(readers[0]):
+                value = graph.call_function(arrived, (flight,))
+            for reader in readers:
+                reader.replace_input_with(host, value)
+            point = flight
+    graph.lint()
+    backward.recompile()

@@ -1,0 +1,199 @@
+"""Offload: saved values that wait in host memory instead of being recomputed.
+
+A value copied to the host as it is made, and back ahead of its first use in backward, costs no
+recomputation, only time on the host link, which runs beside compute on a stream of its own. The
+link is slow beside the device (55 GB/s on the lent H200, ``bench/results/host_link_h200.md``),
+so only part of a step's recomputation can be replaced: the values that cost the most to
+recompute per byte (attention, matrix products) go first.
+
+``improve`` starts from a keep/recompute schedule and offloads a prefix of its recomputed values,
+ranked so; each prefix is placed on the link's timeline (``place_transfers``) and simulated, and
+the fitting one with the least predicted time is kept. Placement follows the predicted compute
+times: a value's device copy is dropped at the first forward node that ends after its copy to
+the host does, and its copy back starts as late as lets it arrive by its first use, the copies
+going one after another in each direction. Where the link falls behind, the device waits; the
+wait is predicted and counted.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import time
+from dataclasses import dataclass, replace
+from typing import Mapping, Sequence
+
+from memplan.graph import JointGraph, Phase
+from memplan.program import Program, Transfer, build_program
+from memplan.solvers.base import SolverConfig, StepSchedule, evaluate
+
+PREFIXES = 16  # prefix lengths tried on a first pass, and again between the best one's neighbours
+
+
+@dataclass(frozen=True)
+class HostLink:
+    bytes_per_s: float  # each way
+    latency_s: float = 10e-6  # per copy, on the device
+    host_s: float = 0.0  # per value, on the host: its four calls of the executor
+    min_bytes: int = 1 << 20  # smaller values cost their host time more than they save
+
+    def seconds(self, nbytes: int) -> float:
+        return self.latency_s + nbytes / self.bytes_per_s
+
+
+def offloadable(graph: JointGraph, name: str, min_bytes: int) -> bool:
+    """A forward tensor that owns its one storage, large enough to be worth a copy."""
+    node = graph[name]
+    return (node.phase is Phase.FORWARD and node.is_tensor and len(node.storages) == 1
+            and graph.allocates[name] == node.storages and name not in graph.forward_outputs
+            and graph.storages[node.storages[0]].nbytes >= min_bytes)
+
+
+def place_transfers(graph: JointGraph, program: Program, names: Sequence[str],
+                    times: Mapping[str, float], link: HostLink) -> tuple[tuple[Transfer, ...], float]:
+    """Where each value's device copy ends and its copy back starts; and the predicted waits."""
+    nbytes = {name: graph.storages[graph[name].storages[0]].nbytes for name in names}
+    position = {name: i for i, name in enumerate(program.forward)}
+    forward_ends = _ends(times, program.forward)
+    forward_s = forward_ends[-1] if forward_ends else 0.0
+    link_free = 0.0
+    free_after: dict[str, str] = {}
+    for name in sorted(names, key=position.__getitem__):
+        link_free = max(forward_ends[position[name]], link_free) + link.seconds(nbytes[name])
+        first_done = min(bisect.bisect_left(forward_ends, link_free), len(forward_ends) - 1)
+        free_after[name] = program.forward[max(first_done, position[name])]
+    forward_wait = max(0.0, link_free - forward_s)
+
+    first_use = {}
+    for j, step in enumerate(program.backward):
+        for src in graph[step].inputs:
+            first_use.setdefault(src, j)
+    backward_ends = _ends(times, program.backward)
+    starts = [0.0, *backward_ends]
+    by_use = sorted(names, key=first_use.__getitem__)
+    fetch_after: dict[str, int] = {}
+    latest_start = math.inf
+    for name in reversed(by_use):  # as late as possible, the link taking one copy at a time
+        latest_start = min(starts[first_use[name]], latest_start) - link.seconds(nbytes[name])
+        issued = bisect.bisect_right(backward_ends, latest_start) - 1
+        fetch_after[name] = min(issued, first_use[name] - 1)
+
+    backward_wait = _backward_waits(graph, program, fetch_after, first_use, nbytes, times, link)
+    transfers = tuple(Transfer(name, free_after[name], fetch_after[name])
+                      for name in sorted(names, key=position.__getitem__))
+    return transfers, forward_wait + backward_wait + link.host_s * len(names)
+
+
+def _ends(times: Mapping[str, float], order: Sequence[str]) -> list[float]:
+    ends, clock = [], 0.0
+    for name in order:
+        clock += times.get(name, 0.0)
+        ends.append(clock)
+    return ends
+
+
+def _backward_waits(graph: JointGraph, program: Program, fetch_after: Mapping[str, int],
+                    first_use: Mapping[str, int], nbytes: Mapping[str, int],
+                    times: Mapping[str, float], link: HostLink) -> float:
+    """Replay backward with the copies back: a step waits for the values it reads."""
+    issued: dict[int, list[str]] = {}
+    for name, after in fetch_after.items():
+        issued.setdefault(after + 1, []).append(name)
+    clock = link_free = waited = 0.0
+    arrives: dict[str, float] = {}
+    for j, step in enumerate(program.backward):
+        for name in sorted(issued.get(j, ()), key=first_use.__getitem__):  # as the executor
+            link_free = max(clock, link_free) + link.seconds(nbytes[name])
+            arrives[name] = link_free
+        for src in graph[step].inputs:
+            if arrives.get(src, 0.0) > clock:
+                waited += arrives[src] - clock
+                clock = arrives[src]
+        clock += times.get(step, 0.0)
+    return waited
+
+
+def with_offload(graph: JointGraph, keep: set[str], names: Sequence[str], budget_bytes: int, *,
+                 method: str, config: SolverConfig, link: HostLink) -> StepSchedule:
+    """The schedule that keeps ``keep`` on the device and ``names`` on the host."""
+    program = build_program(graph, keep | set(names))
+    saved = set(program.saved)
+    names = [name for name in names if name in saved]
+    transfers, wait_s = place_transfers(graph, program, names, config.node_time_s, link)
+    program = replace(program, offloaded=transfers)
+    schedule = evaluate(graph, program, budget_bytes, method=method, config=config)
+    return replace(schedule, stall_s=wait_s)
+
+
+def improve(graph: JointGraph, schedule: StepSchedule, budget_bytes: int, *,
+            config: SolverConfig, link: HostLink) -> StepSchedule:
+    """``schedule`` with a prefix of its recomputed values offloaded, where that fits the budget
+    and is predicted faster; else ``schedule`` itself."""
+    started = time.perf_counter()
+    times = config.node_time_s
+
+    def per_byte(name: str) -> float:
+        return times.get(name, 0.0) / graph.storages[graph[name].storages[0]].nbytes
+
+    ranked = sorted((name for name in schedule.program.recomputed
+                     if offloadable(graph, name, link.min_bytes) and times.get(name, 0.0) > 0),
+                    key=lambda name: (-per_byte(name), graph.index[name]))
+    keep = set(schedule.program.saved)
+    method = f"{schedule.method}+offload"
+    tried: dict[int, StepSchedule] = {}
+
+    def attempt(count: int) -> StepSchedule:
+        if count not in tried:
+            tried[count] = with_offload(graph, keep, ranked[:count], budget_bytes, method=method,
+                                        config=config, link=link)
+        return tried[count]
+
+    def cost(s: StepSchedule) -> float:
+        return s.recompute_s + s.stall_s if s.feasible else math.inf
+
+    counts = sorted({round(len(ranked) * i / PREFIXES) for i in range(1, PREFIXES + 1)} - {0})
+    for count in counts:
+        attempt(count)
+    if tried:
+        best = min(tried, key=lambda c: cost(tried[c]))
+        below = max((c for c in counts if c < best), default=0)
+        above = min((c for c in counts if c > best), default=best)
+        for count in sorted({round(below + (above - below) * i / PREFIXES)
+                             for i in range(1, PREFIXES)} - {0}):
+            attempt(count)
+    fitting = [s for s in tried.values() if s.feasible]
+    best_schedule = min(fitting, key=cost, default=None)
+    if best_schedule is None or cost(best_schedule) >= schedule.recompute_s + schedule.stall_s:
+        return schedule
+    best_schedule = min(best_schedule, _keep_more(graph, best_schedule, budget_bytes,
+                                                  config=config, link=link), key=cost)
+    return replace(best_schedule,
+                   solve_time_s=schedule.solve_time_s + time.perf_counter() - started)
+
+
+def _keep_more(graph: JointGraph, schedule: StepSchedule, budget_bytes: int, *,
+               config: SolverConfig, link: HostLink) -> StepSchedule:
+    """Offloading frees device memory the keep/recompute plan had counted on: keep the longest
+    prefix of what is still recomputed, ranked by time per byte, that fits (by bisection)."""
+    times = config.node_time_s
+
+    def per_byte(name: str) -> float:
+        return times.get(name, 0.0) / max(1, sum(graph.storages[s].nbytes
+                                                  for s in graph.allocates[name]))
+
+    ranked = sorted((name for name in schedule.program.recomputed
+                     if graph[name].phase is Phase.FORWARD and graph[name].is_tensor
+                     and times.get(name, 0.0) > 0),
+                    key=lambda name: (-per_byte(name), graph.index[name]))
+    keep = set(schedule.program.saved)
+    offloaded = [t.name for t in schedule.program.offloaded]
+    best, low, high = schedule, 0, len(ranked)
+    while low < high:
+        count = (low + high + 1) // 2
+        attempt = with_offload(graph, keep | set(ranked[:count]), offloaded, budget_bytes,
+                               method=schedule.method, config=config, link=link)
+        if attempt.feasible:
+            best, low = attempt, count
+        else:
+            high = count - 1
+    return best

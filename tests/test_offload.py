@@ -1,0 +1,126 @@
+"""Offloading saved values to host memory: the rewritten graphs, the simulator, the placement.
+
+Off CUDA the executor's copies are plain copies and there is no host link to price, so the
+planned steps are checked with a stand-in link (``memplan.api.host_link``); what the copies
+cost and save on a GPU is measured by ``bench/gpu.py --offload`` and ``bench/diag/offload.py``.
+"""
+
+from dataclasses import replace
+
+import pytest
+from harness import assert_matches_eager, eager_twin
+from zoo import build
+
+import memplan
+import memplan.api
+from memplan.liveness import simulate
+from memplan.program import Transfer, build_program, candidates
+from memplan.solvers import SolverConfig, solve
+from memplan.solvers.offload import HostLink, improve, offloadable, place_transfers
+
+FAST_LINK = HostLink(bytes_per_s=1e12, min_bytes=0)
+
+
+@pytest.fixture
+def stand_in_link(monkeypatch):
+    monkeypatch.setattr(memplan.api, "host_link", lambda device: FAST_LINK)
+
+
+@pytest.mark.parametrize("name, budget", [("gpt2", "60%"), ("bert", "60%"),
+                                          ("preact_resnet29", "60%"), ("mlp", "60%"),
+                                          ("densenet40", "minimum")])
+def test_offloading_plans_match_eager_bitwise(stand_in_link, name, budget):
+    """Outputs, gradients, BatchNorm statistics and dropout draws, over two steps."""
+    case = build(name)
+    eager = eager_twin(case)
+    if budget == "minimum":
+        with pytest.raises(memplan.InfeasibleBudgetError) as info:
+            memplan.optimize(case.model, 1, example_inputs=case.args, example_kwargs=case.kwargs)
+        budget = info.value.minimum_bytes
+    plan = memplan.optimize(case.model, budget, example_inputs=case.args,
+                            example_kwargs=case.kwargs, offload=True)
+    assert plan.program.offloaded, "the stand-in link makes offloading pay"
+    assert plan.method.endswith("+offload")
+    assert plan.predicted_peak_bytes <= plan.budget_bytes
+    assert_matches_eager(plan, case, eager)
+
+
+def _mlp_graph():
+    case = build("mlp")
+    plan = memplan.optimize(case.model, "100%", example_inputs=case.args, method="none")
+    return plan._result().graph
+
+
+def test_an_offloaded_value_leaves_the_device_between_its_transfers():
+    """Against keeping it: exactly its bytes fewer after its last forward use, until it is
+    fetched just before its first backward use; the same bytes everywhere else."""
+    graph = _mlp_graph()
+    kept = build_program(graph, [n.name for n in candidates(graph)])
+    name = next(n for n in kept.saved if offloadable(graph, n, min_bytes=0))
+    nbytes = graph.storages[graph[name].storages[0]].nbytes
+    first_use = next(j for j, step in enumerate(kept.backward) if name in graph[step].inputs)
+    offloaded = Transfer(name, free_after=name, fetch_after=first_use - 1)
+    moved = simulate(graph, replace(kept, offloaded=(offloaded,)))
+    base = simulate(graph, kept)
+    last_forward_use = max(i for i, step in enumerate(kept.forward)
+                           if step == name or name in graph[step].inputs)
+    away = set(range(last_forward_use + 1, len(kept.forward) + first_use))
+    assert base.steps == moved.steps
+    for step, (before, after) in enumerate(zip(base.live_bytes, moved.live_bytes)):
+        assert before - after == (nbytes if step in away else 0), base.steps[step]
+
+
+def test_a_value_is_dropped_at_the_first_node_that_ends_after_its_copy():
+    """Every node takes 1 ms and the link 2.5 ms per value: a value made by node p is on the
+    host 3.5 ms after node p starts, so the device drops it after node p + 3 (ending at p + 4)."""
+    graph = _mlp_graph()
+    program = build_program(graph, [n.name for n in candidates(graph)])
+    times = {name: 1e-3 for name in (*program.forward, *program.backward)}
+    def first_use(name):
+        return next(j for j, step in enumerate(program.backward) if name in graph[step].inputs)
+
+    name = next(n for n in program.saved if offloadable(graph, n, min_bytes=0)
+                and program.forward.index(n) + 3 < len(program.forward) and first_use(n) >= 4)
+    nbytes = graph.storages[graph[name].storages[0]].nbytes
+    link = HostLink(bytes_per_s=nbytes / 2.5e-3, latency_s=0.0)
+    (transfer,), waits = place_transfers(graph, program, [name], times, link)
+    assert transfer.free_after == program.forward[program.forward.index(name) + 3]
+    # Copied back after the last step that ends 2.5 ms or more before its first use starts:
+    # step u - 4 ends 3 ms before it, step u - 3 only 2 ms.
+    assert transfer.fetch_after == first_use(name) - 4
+    assert waits == 0.0
+
+
+def test_a_slow_link_makes_the_device_wait():
+    graph = _mlp_graph()
+    program = build_program(graph, [n.name for n in candidates(graph)])
+    times = {name: 1e-3 for name in (*program.forward, *program.backward)}
+    names = [n for n in program.saved if offloadable(graph, n, min_bytes=0)]
+    slow = HostLink(bytes_per_s=1.0, latency_s=0.0, min_bytes=0)
+    _transfers, waits = place_transfers(graph, program, names, times, slow)
+    total = sum(graph.storages[graph[n].storages[0]].nbytes for n in names)  # seconds, each way
+    compute = 1e-3 * (len(program.forward) + len(program.backward))
+    assert 2 * total - compute <= waits <= 2 * total  # only compute hides any of the copies
+
+
+@pytest.mark.parametrize("fraction", [0.9, 0.7, 0.5])
+def test_offloading_fits_the_budget_and_never_costs_more(fraction):
+    case = build("gpt2")
+    plan = memplan.optimize(case.model, "100%", example_inputs=case.args, method="none")
+    graph = plan._result().graph
+    config = SolverConfig(node_time_s={n.name: 1e-4 for n in graph.nodes})
+    budget = int(plan.baseline_peak_bytes * fraction)
+    base = solve("chain-dp", graph, budget, config=config)
+    assert base.feasible
+    offloading = improve(graph, base, budget, config=config,
+                         link=HostLink(bytes_per_s=1e9, min_bytes=0))
+    assert offloading.peak_bytes <= budget
+    assert offloading.recompute_s + offloading.stall_s <= base.recompute_s
+
+
+def test_offload_is_refused_where_it_cannot_run():
+    case = build("mlp")
+    with pytest.raises(ValueError, match="CUDA device"):
+        memplan.optimize(case.model, "60%", example_inputs=case.args, offload=True)
+    with pytest.raises(ValueError, match="eager executor"):
+        memplan.optimize(case.model, "60%", example_inputs=case.args, offload=True, compile=True)
