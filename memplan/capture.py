@@ -32,6 +32,7 @@ from memplan.executor import boxed
 from memplan.inductor import compile_with_inductor
 from memplan.passes.buffer_updates import (free_backward_of_running_stats,
                                            recompute_without_running_stats, update_buffers_in_place)
+from memplan.passes.causal_attention import use_causal_attention
 from memplan.passes.cudnn_batch_norm import use_cudnn_batch_norm
 from memplan.passes.dropout import (draw, recompute_dropout_from_mask, replay_dropout_masks,
                                     reuse_draws_in_forward)
@@ -365,6 +366,7 @@ def make_partition(planner: Planner, result: dict[str, Any], *, device: torch.de
         recompute_dropout_from_mask(joint, decomposed=not eager)
         replay_dropout_masks(joint)
         with _disable_current_modes():  # aot_autograd partitions under FakeTensorMode
+            use_causal_attention(joint)
             workspaces = measure_workspaces(joint, device)
             ambient_bytes = _ambient_bytes(model, flat_inputs, device) if model is not None else 0
         graph = joint_to_ir(joint, num_fwd_outputs, user_outputs=user_outputs,
