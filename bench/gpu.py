@@ -119,6 +119,7 @@ MODELS = {
 
 CUDA_GRAPHS = False  # plan memplan's rows for CUDA graphs and replay them so too (``--cuda-graphs``)
 OFFLOAD = False  # beside each memplan eager row, the same budget planned with offload (``--offload``)
+ANCHORS = False  # torch.compile's rows without memplan compiled (``--anchors``)
 ROWS: list[dict] = []  # every row measured so far, written out after each (a run may time out)
 WRITE = None
 
@@ -267,7 +268,7 @@ def run(name: str, compile: bool, eager: bool, anchors: list[float], budgets: li
     measured("naive eager", model, x, kind="naive eager")
     measured("built-in checkpointing", checkpointed(copy.deepcopy(model)), x,
              kind="built-in checkpointing")
-    if compile:
+    if compile or ANCHORS:
         for budget in anchors:
             try:
                 torch_compile_row(model, x, budget)
@@ -322,6 +323,8 @@ def main() -> None:
                         help="add torch.compile's rows and memplan compiled")
     parser.add_argument("--no-eager", action="store_true", help="leave out memplan eager")
     parser.add_argument("--no-anchors", action="store_true", help="leave out torch.compile's rows")
+    parser.add_argument("--anchors", action="store_true",
+                        help="torch.compile's rows without --compile's memplan compiled rows")
     parser.add_argument("--anchor-budgets", nargs="+", type=float, default=list(COMPILE_BUDGETS),
                         help="torch.compile's activation_memory_budget values")
     parser.add_argument("--budgets", nargs="*", default=[*BUDGETS, "minimum"])
@@ -355,9 +358,9 @@ def main() -> None:
             dict(model=title, device=torch.cuda.get_device_name(), torch=torch.__version__,
                  command=command, rows=ROWS), indent=1))
 
-    global WRITE, CUDA_GRAPHS, OFFLOAD
+    global WRITE, CUDA_GRAPHS, OFFLOAD, ANCHORS
     WRITE = write if args.out_dir else None
-    CUDA_GRAPHS, OFFLOAD = args.cuda_graphs, args.offload
+    CUDA_GRAPHS, OFFLOAD, ANCHORS = args.cuda_graphs, args.offload, args.anchors
     run(args.model, args.compile, eager=not args.no_eager,
         anchors=[] if args.no_anchors else args.anchor_budgets, budgets=args.budgets)
     print(header + "\n" + table(ROWS))

@@ -424,7 +424,7 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, planner: Planner,
     def compile_forward(graph_module: fx.GraphModule, inputs: Any) -> Callable[..., Any]:
         update_buffers_in_place(graph_module, [n.name for n in result["graph"].nodes if n.mutated])
         use_cudnn_batch_norm(graph_module, on_cudnn)
-        offload_in_forward(graph_module, result["program"].offloaded)
+        offload_in_forward(graph_module, result["program"].offloaded, result["program"].forward)
         return compile_one(graph_module, inputs)
 
     def compile_backward(graph_module: fx.GraphModule, inputs: Any) -> Callable[..., Any]:

@@ -13,6 +13,7 @@ from zoo import build
 
 import memplan
 import memplan.api
+import memplan.solvers.offload as offload_module
 from memplan.liveness import simulate
 from memplan.program import Transfer, build_program, candidates
 from memplan.solvers import SolverConfig, solve
@@ -42,6 +43,31 @@ def test_offloading_plans_match_eager_bitwise(stand_in_link, name, budget):
     assert plan.program.offloaded, "the stand-in link makes offloading pay"
     assert plan.method.endswith("+offload")
     assert plan.predicted_peak_bytes <= plan.budget_bytes
+    assert f"offloaded         {len(plan.program.offloaded)} values" in plan.report()
+    assert_matches_eager(plan, case, eager)
+
+
+def test_a_value_dropped_at_a_node_the_forward_graph_erased(stand_in_link, monkeypatch):
+    """A forward replays each dropout right after its draw, and a pass erases that replay (the
+    draw's own result is read instead): a transfer placed there drops its value before it."""
+    place = offload_module.place_transfers
+
+    def at_replays(graph, program, names, times, link):
+        transfers, waits = place(graph, program, names, times, link)
+        replays = [name for name in program.forward if graph[name].op == "memplan.dropout_replay.default"]
+        moved = []
+        for transfer in transfers:
+            start = program.forward.index(transfer.name)
+            later = [r for r in replays if program.forward.index(r) > start]
+            moved.append(replace(transfer, free_after=later[0]) if later else transfer)
+        return tuple(moved), waits
+
+    monkeypatch.setattr(offload_module, "place_transfers", at_replays)
+    case = build("mlp")
+    eager = eager_twin(case)
+    plan = memplan.optimize(case.model, "60%", example_inputs=case.args, offload=True)
+    replays = {t.free_after for t in plan.program.offloaded if "dropout_replay" in t.free_after}
+    assert replays, "some transfers are placed at replays"
     assert_matches_eager(plan, case, eager)
 
 

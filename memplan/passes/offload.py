@@ -63,18 +63,25 @@ def arrived(flight: InFlight, *held: torch.Tensor) -> torch.Tensor:
     return flight.tensor
 
 
-def offload_in_forward(forward: fx.GraphModule, transfers: Sequence[Transfer]) -> None:
-    """Copy each transferred value to the host; the graph returns the host copy instead."""
+def offload_in_forward(forward: fx.GraphModule, transfers: Sequence[Transfer],
+                       order: Sequence[str]) -> None:
+    """Copy each transferred value to the host; the graph returns the host copy instead.
+    ``order`` is the program's forward order: where a pass erased a transfer's ``free_after``
+    node (``reuse_draws_in_forward``), the value is dropped after the nearest node before it."""
     if not transfers:
         return
     graph = forward.graph
     nodes = {node.name: node for node in graph.nodes}
+    position = {name: i for i, name in enumerate(order)}
     host_copies: dict[fx.Node, fx.Node] = {}
     for transfer in transfers:
         value = nodes[transfer.name]
         with graph.inserting_after(value):
             flight = graph.call_function(to_host, (value,))
-        free_after = flight if transfer.free_after == transfer.name else nodes[transfer.free_after]
+        at = position[transfer.free_after]
+        while order[at] not in nodes:
+            at -= 1
+        free_after = flight if order[at] == transfer.name else nodes[order[at]]
         with graph.inserting_after(free_after):
             host_copies[value] = graph.call_function(arrived, (flight, value))
     output = graph.output_node()
