@@ -32,6 +32,7 @@ STYLE = {  # kind -> (color, marker)
     "memplan compiled": ("tab:green", "P"),
     "memplan eager + CUDA graphs": ("tab:cyan", "d"),
     "memplan compiled + CUDA graphs": ("tab:olive", "X"),
+    "memplan eager + offload": ("tab:purple", "v"),
 }
 
 
