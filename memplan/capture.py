@@ -185,6 +185,19 @@ def _flops(node: fx.Node) -> int:
         return 0
 
 
+def _covers_storage(tensor: torch.Tensor) -> bool:
+    """Its elements fill its storage, each once: strides, sorted, are a contiguous layout's."""
+    if tensor.storage_offset() or tensor.numel() * tensor.element_size() != tensor.untyped_storage().nbytes():
+        return False
+    expected = 1
+    for size, stride in sorted(((size, stride) for size, stride in zip(tensor.shape, tensor.stride())
+                                if size != 1), key=lambda pair: pair[1]):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
 def joint_to_ir(joint: fx.GraphModule, num_fwd_outputs: int, *, user_outputs: int,
                 param_count: int, buffer_count: int, rounding: int,
                 workspaces: dict[str, int] | None = None, ambient_bytes: int = 0,
@@ -263,6 +276,7 @@ def joint_to_ir(joint: fx.GraphModule, num_fwd_outputs: int, *, user_outputs: in
             workspace_bytes=(workspaces or {}).get(node.name, 0),
             written_in_place=written,
             pointwise=isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags,
+            dense=isinstance(value, torch.Tensor) and _covers_storage(value),
         ))
     by_name = {node.name: node for node in nodes}
     for output in bwd_outputs:  # a gradient is often a view of a temporary: its storage is a gradient
@@ -428,7 +442,7 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, planner: Planner,
         return compile_one(graph_module, inputs)
 
     def compile_backward(graph_module: fx.GraphModule, inputs: Any) -> Callable[..., Any]:
-        fetch_in_backward(graph_module, result["program"].offloaded, device)  # steps as planned
+        fetch_in_backward(graph_module, result["program"].offloaded)  # steps as planned
         recompute_without_running_stats(graph_module)
         use_cudnn_batch_norm(graph_module, on_cudnn)
         return compile_one(graph_module, inputs)

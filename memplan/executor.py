@@ -14,6 +14,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from memplan.cuda_graphs import check_gradients_cleared, graphed_step
+from memplan.passes.offload import wait_for_copies
 
 _BoxedCodeGen = getattr(fx.graph, "_BoxedCodeGen", None)
 
@@ -24,7 +25,11 @@ def boxed(gm: fx.GraphModule) -> Callable[[list], Any]:
     gm.recompile()
 
     def run(args: list) -> Any:
-        return gm.forward(args)
+        try:
+            return gm.forward(args)
+        except BaseException:
+            wait_for_copies()  # before the failed step's values are freed
+            raise
 
     run._boxed_call = True  # read by aot_autograd's runtime
     return run

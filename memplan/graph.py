@@ -63,6 +63,7 @@ class Node:
     workspace_bytes: int = 0  # scratch memory held only while the op runs (cuDNN workspaces)
     written_in_place: bool = False  # the model's eager code computes or overwrites it in place
     pointwise: bool = False  # elementwise (torch.Tag.pointwise): cheap to recompute from its inputs
+    dense: bool = False  # a tensor that covers its storage exactly: one copy moves it
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,17 @@
 """Give attention a causal flag where the traced graph spells the causal mask out.
 
 Hugging Face models build no mask in eager mode and call ``scaled_dot_product_attention`` with
-``is_causal=True``; under tracing they build the causal mask as a tensor, which reaches the
-memory-efficient kernel as an additive bias. On an H200 that kernel then took 37 ms of GPT-2
-medium's forward instead of eager's 19 ms (``bench/results/offload_h200.md``). Where a bias
-depends on no input of the step (it is made from shapes alone) and is, evaluated, the causal
-mask of a square attention (0 on and below the diagonal, a masked value above it, in every
-batch and head), this pass calls the kernel as eager does: no bias, ``is_causal=True``, in the
-forward and in the backward that reads the same bias.
+``is_causal=True``; under tracing (and for fake tensors) they build the causal mask as a tensor,
+which reaches the memory-efficient kernel as an additive bias. On an H200 that kernel then took
+37 ms of GPT-2 medium's forward instead of eager's 19 ms (``bench/results/offload_h200.md``).
+Where a bias depends on no input of the step (it is made from shapes alone) and is, evaluated,
+the causal mask of a square attention (0 on and below the diagonal, a masked value above it, in
+every batch and head), this pass calls the kernel with no bias and ``is_causal=True``, in the
+forward and in the backward that reads it: the same attention, computed as eager computes
+Hugging Face's. A model that passes such a mask itself in eager gets the flagged kernel too,
+whose rounding may differ from the masked one's. (Which call eager makes cannot be asked of the
+model without running it: on fake tensors Hugging Face builds the mask, and on meta tensors it
+branches on values.)
 """
 
 from __future__ import annotations
@@ -24,29 +28,36 @@ _BACKWARD = aten._scaled_dot_product_efficient_attention_backward.default
 
 def use_causal_attention(joint: fx.GraphModule) -> None:
     """Rewrite ``joint`` in place; call it outside fake mode (it evaluates the masks)."""
+    attentions = joint.graph.find_nodes(op="call_function", target=_FORWARD)
     causal: dict[fx.Node, bool] = {}
-    for node in joint.graph.find_nodes(op="call_function", target=_FORWARD):
-        query, key, value, bias = node.args[:4]
-        is_causal = node.args[6] if len(node.args) > 6 else node.kwargs.get("is_causal", False)
-        if not isinstance(bias, fx.Node) or is_causal:
+    rewrite = []
+    for node in attentions:
+        bias = _argument(node, 3, "attn_bias")
+        if not isinstance(bias, fx.Node) or _argument(node, 6, "is_causal", False):
             continue
         if bias not in causal:
             causal[bias] = _is_causal_mask(joint, bias)
-        if not causal[bias]:
-            continue
-        node.args = (query, key, value, None, node.args[4],
-                     node.args[5] if len(node.args) > 5 else node.kwargs.get("dropout_p", 0.0), True)
-        node.kwargs = {k: v for k, v in node.kwargs.items() if k not in ("dropout_p", "is_causal")}
+        if causal[bias]:
+            rewrite.append(node)
+    if not rewrite:
+        return
+    for node in rewrite:
+        query, key, value, bias = node.args[:4]
+        node.args = (query, key, value, None, _argument(node, 4, "compute_log_sumexp"),
+                     _argument(node, 5, "dropout_p", 0.0), True)
+        node.kwargs = {k: v for k, v in node.kwargs.items() if k == "scale"}
         for backward in list(bias.users):
             if backward.target is _BACKWARD and backward.args[1:4] == (query, key, value):
                 mask = list(backward.args[10])
                 backward.args = (*backward.args[:4], None, *backward.args[5:10],
-                                 [*mask[:3], False], True, *backward.args[12:])
-                backward.kwargs = {k: v for k, v in backward.kwargs.items() if k != "is_causal"}
-    masks = [bias for bias, is_causal in causal.items() if is_causal]
-    if masks:
-        _erase_unused(joint.graph, masks)
-        joint.recompile()
+                                 [*mask[:3], False], True)
+                backward.kwargs = {k: v for k, v in backward.kwargs.items() if k == "scale"}
+    _erase_unused(joint.graph, [bias for bias, is_causal in causal.items() if is_causal])
+    joint.recompile()
+
+
+def _argument(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
 
 
 def _erase_unused(graph: fx.Graph, nodes: list[fx.Node]) -> None:
@@ -66,6 +77,9 @@ def _is_causal_mask(joint: fx.GraphModule, bias: fx.Node) -> bool:
     value = _evaluate(joint, bias)
     if not isinstance(value, torch.Tensor) or value.dim() < 2 or value.shape[-1] != value.shape[-2]:
         return False
+    # One slice of each broadcast dimension: an expanded mask is compared without being copied.
+    value = value[tuple(slice(0, 1) if value.stride(d) == 0 else slice(None)
+                        for d in range(value.dim() - 2))]
     size = value.shape[-1]
     lower = torch.ones(size, size, dtype=torch.bool, device=value.device).tril()
     if value.dtype is torch.bool:
@@ -82,7 +96,7 @@ def _evaluate(joint: fx.GraphModule, node: fx.Node) -> Any:
         current = stack.pop()
         if current in needed:
             continue
-        if current.op != "call_function" or _nondeterministic(current):
+        if current.op != "call_function" or _nondeterministic(current) or _uninitialized(current):
             return None
         needed[current] = None
         stack.extend(current.all_input_nodes)
@@ -92,6 +106,12 @@ def _evaluate(joint: fx.GraphModule, node: fx.Node) -> Any:
         args, kwargs = fx.node.map_arg((current.args, current.kwargs), values.__getitem__)
         values[current] = current.target(*args, **kwargs)
     return values[node]
+
+
+def _uninitialized(node: fx.Node) -> bool:
+    packet = getattr(node.target, "overloadpacket", None)
+    return getattr(packet, "__name__", "") in ("empty", "empty_like", "empty_strided", "empty_permuted",
+                                               "new_empty", "new_empty_strided")
 
 
 def _nondeterministic(node: fx.Node) -> bool:

@@ -55,6 +55,13 @@ def to_device(host: torch.Tensor, device: torch.device) -> InFlight:
     return _copy(host, value, device)
 
 
+def wait_for_copies() -> None:
+    """Block until every copy has finished: a step that raises drops the values being copied
+    back, whose memory the side stream may still be writing."""
+    for stream in _side_streams.values():
+        stream.synchronize()
+
+
 def arrived(flight: InFlight, *held: torch.Tensor) -> torch.Tensor:
     """The copy's result, once the compute stream has waited for it; ``held`` stay alive until
     here (the device value an offload reads)."""
@@ -90,10 +97,10 @@ def offload_in_forward(forward: fx.GraphModule, transfers: Sequence[Transfer],
     forward.recompile()
 
 
-def fetch_in_backward(backward: fx.GraphModule, transfers: Sequence[Transfer],
-                      device: torch.device) -> None:
-    """Copy each transferred value back after its ``fetch_after`` step, for its first reader.
-    Call it on the graph ``memplan.passes.partition`` built: one node per program step."""
+def fetch_in_backward(backward: fx.GraphModule, transfers: Sequence[Transfer]) -> None:
+    """Copy each transferred value back after its ``fetch_after`` step, for its first reader,
+    to the device it came from (its placeholder's traced value says which). Call it on the graph
+    ``memplan.passes.partition`` built: one node per program step."""
     if not transfers:
         return
     graph = backward.graph
@@ -110,7 +117,7 @@ def fetch_in_backward(backward: fx.GraphModule, transfers: Sequence[Transfer],
         for host in sorted(hosts, key=lambda h: min(order[u] for u in h.users)):
             readers = sorted(host.users, key=order.__getitem__)
             with graph.inserting_after(point):
-                flight = graph.call_function(to_device, (host, device))
+                flight = graph.call_function(to_device, (host, host.meta["val"].device))
             with graph.inserting_before(readers[0]):
                 value = graph.call_function(arrived, (flight,))
             for reader in readers:

@@ -42,9 +42,9 @@ class HostLink:
 
 
 def offloadable(graph: JointGraph, name: str, min_bytes: int) -> bool:
-    """A forward tensor that owns its one storage, large enough to be worth a copy."""
+    """A forward tensor that fills its one storage, its own, large enough to be worth a copy."""
     node = graph[name]
-    return (node.phase is Phase.FORWARD and node.is_tensor and len(node.storages) == 1
+    return (node.phase is Phase.FORWARD and node.dense and len(node.storages) == 1
             and graph.allocates[name] == node.storages and name not in graph.forward_outputs
             and graph.storages[node.storages[0]].nbytes >= min_bytes)
 
@@ -135,10 +135,13 @@ def improve(graph: JointGraph, schedule: StepSchedule, budget_bytes: int, *,
     def per_byte(name: str) -> float:
         return times.get(name, 0.0) / graph.storages[graph[name].storages[0]].nbytes
 
-    ranked = sorted((name for name in schedule.program.recomputed
-                     if offloadable(graph, name, link.min_bytes) and times.get(name, 0.0) > 0),
-                    key=lambda name: (-per_byte(name), graph.index[name]))
     keep = set(schedule.program.saved)
+    # A storage that a kept view or an output holds stays on the device: copying it saves nothing.
+    held = {s for name in (*keep, *graph.forward_outputs) for s in graph[name].storages}
+    ranked = sorted((name for name in schedule.program.recomputed
+                     if offloadable(graph, name, link.min_bytes) and times.get(name, 0.0) > 0
+                     and graph[name].storages[0] not in held),
+                    key=lambda name: (-per_byte(name), graph.index[name]))
     method = f"{schedule.method}+offload"
     tried: dict[int, StepSchedule] = {}
 
@@ -163,10 +166,12 @@ def improve(graph: JointGraph, schedule: StepSchedule, budget_bytes: int, *,
             attempt(count)
     fitting = [s for s in tried.values() if s.feasible]
     best_schedule = min(fitting, key=cost, default=None)
-    if best_schedule is None or cost(best_schedule) >= schedule.recompute_s + schedule.stall_s:
+    if best_schedule is None:
         return schedule
     best_schedule = min(best_schedule, _keep_more(graph, best_schedule, budget_bytes,
                                                   config=config, link=link), key=cost)
+    if cost(best_schedule) >= schedule.recompute_s + schedule.stall_s:
+        return schedule
     return replace(best_schedule,
                    solve_time_s=schedule.solve_time_s + time.perf_counter() - started)
 
