@@ -6,7 +6,8 @@ that copy, and only then drops the value, so that its memory is reused after the
 it. The backward graph allocates the value anew after step ``fetch_after`` and copies it back;
 the first node that reads it waits for that copy.
 
-Copies run on a side stream, ordered by events: the host never waits. Each copy's stream first
+Copies run on a side stream, ordered by events: the host never waits, unless a step fails
+(``wait_for_copies``). Each copy's stream first
 waits for the compute stream, so that it reads a finished value and writes memory that compute
 no longer uses; memory is allocated and freed on the compute stream only, as the simulator
 counts it. Off CUDA the copies are plain copies, which tests use to check the rewrite.
