@@ -225,6 +225,9 @@ def optimize(model: torch.nn.Module, budget: Any, *, example_inputs: tuple | Non
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: choose one of {list(METHODS)}")
     check_cost_model(cost_model)
+    if offload and (compile or cuda_graphs):
+        raise ValueError("memplan: offload=True runs on the eager executor only; leave "
+                         f"{'compile' if compile else 'cuda_graphs'} off to offload, or offload off")
     if compile:
         warnings.warn("memplan: with compile=True the predicted peak is the eager executor's; "
                       "inductor runs the plan in segments of planned order, but within a "
@@ -232,9 +235,6 @@ def optimize(model: torch.nn.Module, budget: Any, *, example_inputs: tuple | Non
                       "DenseNet-BC-100 and GPT-2 medium measured 1.9% and 0.6% under it, "
                       "DenseNet-BC-100's 6.6% under it in full fp32)",
                       stacklevel=2)
-    if offload and (compile or cuda_graphs):
-        raise ValueError("memplan: offload=True runs on the eager executor only; leave "
-                         f"{'compile' if compile else 'cuda_graphs'} off to offload, or offload off")
     if not isinstance(budget, (int, float, str)):
         parse_budget(budget)  # raises the error that lists the accepted forms
     plan: Plan
