@@ -131,17 +131,13 @@ def improve(graph: JointGraph, schedule: StepSchedule, budget_bytes: int, *,
     and is predicted faster; else ``schedule`` itself."""
     started = time.perf_counter()
     times = config.node_time_s
-
-    def per_byte(name: str) -> float:
-        return times.get(name, 0.0) / graph.storages[graph[name].storages[0]].nbytes
-
     keep = set(schedule.program.saved)
     # A storage that a kept view or an output holds stays on the device: copying it saves nothing.
     held = {s for name in (*keep, *graph.forward_outputs) for s in graph[name].storages}
     ranked = sorted((name for name in schedule.program.recomputed
                      if offloadable(graph, name, link.min_bytes) and times.get(name, 0.0) > 0
                      and graph[name].storages[0] not in held),
-                    key=lambda name: (-per_byte(name), graph.index[name]))
+                    key=lambda name: (-_time_per_byte(graph, times, name), graph.index[name]))
     method = f"{schedule.method}+offload"
     tried: dict[int, StepSchedule] = {}
 
@@ -181,15 +177,10 @@ def _keep_more(graph: JointGraph, schedule: StepSchedule, budget_bytes: int, *,
     """Offloading frees device memory the keep/recompute plan had counted on: keep the longest
     prefix of what is still recomputed, ranked by time per byte, that fits (by bisection)."""
     times = config.node_time_s
-
-    def per_byte(name: str) -> float:
-        return times.get(name, 0.0) / max(1, sum(graph.storages[s].nbytes
-                                                  for s in graph.allocates[name]))
-
     ranked = sorted((name for name in schedule.program.recomputed
                      if graph[name].phase is Phase.FORWARD and graph[name].is_tensor
                      and times.get(name, 0.0) > 0),
-                    key=lambda name: (-per_byte(name), graph.index[name]))
+                    key=lambda name: (-_time_per_byte(graph, times, name), graph.index[name]))
     keep = set(schedule.program.saved)
     offloaded = [t.name for t in schedule.program.offloaded]
     best, low, high = schedule, 0, len(ranked)
@@ -202,3 +193,8 @@ def _keep_more(graph: JointGraph, schedule: StepSchedule, budget_bytes: int, *,
         else:
             high = count - 1
     return best
+
+
+def _time_per_byte(graph: JointGraph, times: Mapping[str, float], name: str) -> float:
+    """Recompute time per byte the value allocates: what keeping or offloading it buys."""
+    return times.get(name, 0.0) / max(1, sum(graph.storages[s].nbytes for s in graph.allocates[name]))
