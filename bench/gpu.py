@@ -10,7 +10,8 @@ Measured as in bench/core.py (peak after ``reset_peak_memory_stats``, median of 
 warm-ups); reserved is ``max_memory_reserved`` over those steps, after emptying the cache.
 
     python bench/gpu.py --model resnet50 [--compile [--no-eager]] [--budgets 75% minimum]
-                        [--no-anchors] [--cuda-graphs] [--no-tf32] [--deterministic] [--tag part2] --out-dir bench/results
+                        [--no-anchors | --anchors] [--offload [only]] [--cuda-graphs] [--no-tf32]
+                        [--deterministic] [--tag part2] --out-dir bench/results
 
 writes ``gpu_<model>[_compiled][_<tag>].md`` (``_compiled`` with ``--no-eager``: the table,
 device, torch version and command) and
@@ -118,7 +119,8 @@ MODELS = {
 
 
 CUDA_GRAPHS = False  # plan memplan's rows for CUDA graphs and replay them so too (``--cuda-graphs``)
-OFFLOAD = False  # beside each memplan eager row, the same budget planned with offload (``--offload``)
+# beside each memplan row, the same budget planned with offload (``--offload``), or "only" that
+OFFLOAD: bool | str = False
 ANCHORS = False  # torch.compile's rows without memplan compiled (``--anchors``)
 ROWS: list[dict] = []  # every row measured so far, written out after each (a run may time out)
 WRITE = None
@@ -160,7 +162,7 @@ def memplan_row(model, x, budget, label: str, compile: bool, offload: bool = Fal
     plan.module(x).float().sum().backward()
     plan_s = time.perf_counter() - start
     chosen = plan._result().chosen
-    mode = "compiled" if compile else "eager + offload" if offload else "eager"
+    mode = ("compiled" if compile else "eager") + (" + offload" if offload else "")
     numbers = dict(predicted=plan.predicted_peak_bytes, budget=plan.budget_bytes,
                    predicted_ms=(chosen.step_s + chosen.recompute_s + chosen.stall_s) * 1e3,
                    minimum=plan.minimum_budget_bytes)
@@ -241,10 +243,11 @@ def memplan_rows(model, x, compile: bool, budgets: list[str]) -> list[dict]:
     rows, minimum = [], None
     for budget in (b for b in budgets if b != "minimum"):
         try:
-            rows.append(memplan_row(model, x, budget, budget, compile))
-            minimum = rows[-1]["minimum"] if minimum is None else min(minimum, rows[-1]["minimum"])
-            if OFFLOAD and not compile:
+            if OFFLOAD != "only":
+                rows.append(memplan_row(model, x, budget, budget, compile))
+            if OFFLOAD:
                 rows.append(memplan_row(model, x, budget, budget, compile, offload=True))
+            minimum = rows[-1]["minimum"] if minimum is None else min(minimum, rows[-1]["minimum"])
         except memplan.InfeasibleBudgetError as error:
             print(f"memplan {budget} infeasible: {error}", flush=True)
             minimum = error.minimum_bytes if minimum is None else min(minimum, error.minimum_bytes)
@@ -330,8 +333,10 @@ def main() -> None:
     parser.add_argument("--budgets", nargs="*", default=[*BUDGETS, "minimum"])
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="add each memplan plan replayed as CUDA graphs")
-    parser.add_argument("--offload", action="store_true",
-                        help="add each memplan eager budget planned with offload=True")
+    parser.add_argument("--offload", nargs="?", const=True, default=False, choices=[True, "only"],
+                        metavar="only",
+                        help="add each memplan budget planned with offload=True; "
+                             "'--offload only' plans with offload only")
     parser.add_argument("--no-tf32", action="store_true",
                         help="full fp32: TF32 off for convolutions and matmuls")
     parser.add_argument("--deterministic", action="store_true",

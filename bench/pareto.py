@@ -33,6 +33,7 @@ STYLE = {  # kind -> (color, marker)
     "memplan eager + CUDA graphs": ("tab:cyan", "d"),
     "memplan compiled + CUDA graphs": ("tab:olive", "X"),
     "memplan eager + offload": ("tab:purple", "v"),
+    "memplan compiled + offload": ("tab:pink", "^"),
 }
 
 

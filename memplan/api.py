@@ -215,9 +215,9 @@ def optimize(model: torch.nn.Module, budget: Any, *, example_inputs: tuple | Non
     no launch costs, but the step's memory stays reserved between steps, and its outputs and
     gradients are overwritten by the next step (set gradients to None between steps).
 
-    With ``offload=True`` (CUDA, eager executor) saved values may also wait in pinned host
-    memory instead of being recomputed (``memplan.solvers.offload``): copied out during forward
-    and back ahead of their use in backward, on a stream beside compute.
+    With ``offload=True`` (CUDA; not with ``cuda_graphs``) saved values may also wait in pinned
+    host memory instead of being recomputed (``memplan.solvers.offload``): copied out during
+    forward and back ahead of their use in backward, on a stream beside compute.
 
     >>> plan = optimize(model, budget="60%", example_inputs=(x,))   # doctest: +SKIP
     >>> loss_fn(plan.module(x), y).backward()                       # doctest: +SKIP
@@ -225,9 +225,9 @@ def optimize(model: torch.nn.Module, budget: Any, *, example_inputs: tuple | Non
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: choose one of {list(METHODS)}")
     check_cost_model(cost_model)
-    if offload and (compile or cuda_graphs):
-        raise ValueError("memplan: offload=True runs on the eager executor only; leave "
-                         f"{'compile' if compile else 'cuda_graphs'} off to offload, or offload off")
+    if offload and cuda_graphs:
+        raise ValueError("memplan: offload=True cannot run in CUDA graphs (its copies wait on "
+                         "events the host records); leave cuda_graphs off to offload, or offload off")
     if compile:
         warnings.warn("memplan: with compile=True the predicted peak is the eager executor's; "
                       "inductor runs the plan in segments of planned order, but within a "

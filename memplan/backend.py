@@ -11,20 +11,22 @@ from typing import Any, Callable, Sequence
 
 import torch.fx as fx
 
-from memplan.api import METHODS, PlanResult, plan_step
+from memplan.api import METHODS, PlanResult, host_link, plan_step
 from memplan.capture import device_of, make_partition
 from memplan.cost_models import check_cost_model, node_times
 from memplan.errors import CaptureError
 from memplan.inductor import compile_with_inductor
+from memplan.passes.offload import fetch_in_backward, offload_in_forward
 
 
 def backend(budget: Any, *, method: str = "auto", cost_model: str = "analytic",
-            time_limit_s: float = 30.0) -> Callable[..., Any]:
+            offload: bool = False, time_limit_s: float = 30.0) -> Callable[..., Any]:
     """A torch.compile backend that plans the step under ``budget`` and compiles it with inductor.
 
     The plans it made are in the backend's ``plans`` list, newest last. Their predicted peaks
     are the eager executor's: inductor keeps the planned order between segments of the graphs
-    (``memplan.inductor``) but can exceed the budget within one.
+    (``memplan.inductor``) but can exceed the budget within one. ``offload`` is
+    ``memplan.optimize``'s.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: choose one of {list(METHODS)}")
@@ -34,17 +36,21 @@ def backend(budget: Any, *, method: str = "auto", cost_model: str = "analytic",
     def memplan_backend(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
         _refuse_graph_break(gm)
         device = device_of(gm, example_inputs)
+        link = host_link(device) if offload else None
 
         def planner(graph, joint):
             times = node_times(cost_model, graph, joint, device, host_dispatch=False)
             plans.append(plan_step(graph, budget, method, device, node_time_s=times,
-                                   time_limit_s=time_limit_s))
+                                   time_limit_s=time_limit_s, link=link))
             return plans[-1].chosen.program
 
         outputs = next(iter(reversed(gm.graph.nodes))).args[0]
         partition = make_partition(planner, {}, device=device, user_outputs=len(outputs),
                                    param_count=0, buffer_count=0, eager=False)
-        return compile_with_inductor(gm, example_inputs, partition)
+        return compile_with_inductor(
+            gm, example_inputs, partition,
+            rewrite_forward=lambda g: offload_in_forward(g, plans[-1].chosen.program),
+            rewrite_backward=lambda g: fetch_in_backward(g, plans[-1].chosen.program))
 
     memplan_backend.plans = plans
     return memplan_backend

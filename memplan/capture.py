@@ -438,18 +438,21 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, planner: Planner,
     def compile_forward(graph_module: fx.GraphModule, inputs: Any) -> Callable[..., Any]:
         update_buffers_in_place(graph_module, [n.name for n in result["graph"].nodes if n.mutated])
         use_cudnn_batch_norm(graph_module, on_cudnn)
-        offload_in_forward(graph_module, result["program"].offloaded, result["program"].forward)
+        offload_in_forward(graph_module, result["program"])
         return compile_one(graph_module, inputs)
 
     def compile_backward(graph_module: fx.GraphModule, inputs: Any) -> Callable[..., Any]:
-        fetch_in_backward(graph_module, result["program"].offloaded)  # steps as planned
+        fetch_in_backward(graph_module, result["program"])  # steps as planned
         recompute_without_running_stats(graph_module)
         use_cudnn_batch_norm(graph_module, on_cudnn)
         return compile_one(graph_module, inputs)
 
     with _recursion_limit(_DEEP_MODEL_RECURSION):
         if compile:
-            run = compile_with_inductor(gm, fake_inputs, partition)
+            run = compile_with_inductor(
+                gm, fake_inputs, partition,
+                rewrite_forward=lambda g: offload_in_forward(g, result["program"]),
+                rewrite_backward=lambda g: fetch_in_backward(g, result["program"]))
         else:
             run = aot_module_simplified(gm, fake_inputs, fw_compiler=compile_forward,
                                         bw_compiler=compile_backward, inference_compiler=compile_one,

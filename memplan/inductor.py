@@ -77,6 +77,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from memplan.errors import InternalError
+from memplan.passes.offload import HOST_STEPS, wait_for_copies
 
 # Measured on DenseNet-BC-100 at its least budget (H200): 50 ops per segment kept the compiled
 # peak within 1.2% of the prediction, 150 went 4.6% over it, one segment 124% over it
@@ -90,7 +91,12 @@ CUDA_OPTIONS = {"layout_optimization": False}
 
 
 def compile_with_inductor(gm: fx.GraphModule, example_inputs: Sequence[Any],
-                          partition: Callable[..., Any]) -> Callable[..., Any]:
+                          partition: Callable[..., Any], *,
+                          rewrite_forward: Callable[[fx.GraphModule], None] = lambda _: None,
+                          rewrite_backward: Callable[[fx.GraphModule], None] = lambda _: None,
+                          ) -> Callable[..., Any]:
+    """``rewrite_forward`` and ``rewrite_backward`` change the partitioned graphs in place before
+    inductor sees them (the eager executor's ``memplan.passes.offload``)."""
     from torch._inductor.compile_fx import compile_fx_inner
     from torch._inductor.decomposition import select_decomp_table
 
@@ -102,11 +108,13 @@ def compile_with_inductor(gm: fx.GraphModule, example_inputs: Sequence[Any],
     # Each compiler sets the options itself: aot_autograd compiles the backward at its first
     # call, after this function has returned.
     def forward(graph: fx.GraphModule, inputs: Sequence[Any]) -> Callable[..., Any]:
+        rewrite_forward(graph)
         with torch._inductor.config.patch(options):
             return compile_in_segments(graph, inputs, compile_fx_inner, OPS_PER_SEGMENT,
                                        planned_strides=on_cuda)
 
     def backward(graph: fx.GraphModule, inputs: Sequence[Any]) -> Callable[..., Any]:
+        rewrite_backward(graph)
         with torch._inductor.config.patch(options):
             return compile_in_segments(graph, inputs,
                                        lambda g, i: compile_fx_inner(g, i, is_backward=True),
@@ -149,10 +157,16 @@ def compile_in_segments(graph: fx.GraphModule, example_inputs: Sequence[Any],
     segment_of: dict[fx.Node, int] = {}  # in graph order
     frees_storage = _values_that_free_storage(graph.graph)
     count, in_segment = 0, ops_per_segment  # the first op starts segment 0
+    on_host: set[int] = set()  # segments of one host step, run as they are
     for node in graph.graph.nodes:
         if node.op == "call_function" and node.target is operator.getitem:
             segment_of[node] = segment_of[node.args[0]]
-        elif _writes_input(node) and node.prev in segment_of:  # placed after what it must follow
+        elif node.op == "call_function" and node.target in HOST_STEPS:
+            count, in_segment = count + 1, ops_per_segment  # alone in its segment
+            segment_of[node] = count - 1
+            on_host.add(count - 1)
+        elif (_writes_input(node) and node.prev in segment_of
+              and segment_of[node.prev] not in on_host):  # placed after what it must follow
             segment_of[node] = segment_of[node.prev]
         elif node.op == "call_function":
             if in_segment >= ops_per_segment:
@@ -194,16 +208,19 @@ def compile_in_segments(graph: fx.GraphModule, example_inputs: Sequence[Any],
         returned_node = sub.output(tuple(env[node] for node in outputs))
         if planned_strides:
             _keep_planned_strides(returned_node, outputs)
-        examples = [example[value] if value in example else
-                    _restrided(value.meta.get("val"), stride[value]) for value in inputs]
-        key = _segment_key(sub, examples) if REUSE_IDENTICAL_SEGMENTS else None
-        if key is None or key not in compiled:
-            with TracingContext.report_output_strides() as strides, _no_donated_buffers():
-                run = compile_graph(fx.GraphModule(graph, sub), examples)
-            if key is not None:
-                compiled[key] = run, strides
+        if k in on_host:  # a copy: its outputs have the strides of what it copies
+            run, strides = _run_as_is(fx.GraphModule(graph, sub)), [stride[inputs[0]]] * len(outputs)
         else:
-            run, strides = compiled[key]
+            examples = [example[value] if value in example else
+                        _restrided(value.meta.get("val"), stride[value]) for value in inputs]
+            key = _segment_key(sub, examples) if REUSE_IDENTICAL_SEGMENTS else None
+            if key is None or key not in compiled:
+                with TracingContext.report_output_strides() as strides, _no_donated_buffers():
+                    run = compile_graph(fx.GraphModule(graph, sub), examples)
+                if key is not None:
+                    compiled[key] = run, strides
+            else:
+                run, strides = compiled[key]
         stride.update(zip(outputs, strides or [None] * len(outputs)))
         segments.append(_Segment(run, inputs, [last_read[v] == k for v in inputs], outputs))
     context = TracingContext.try_get()
@@ -215,14 +232,22 @@ def compile_in_segments(graph: fx.GraphModule, example_inputs: Sequence[Any],
         values = {node: arg for node, arg in zip(placeholders, args) if node in last_read}
         values.update(constants)
         args.clear()  # the segments free what they read last
-        for segment in segments:
-            inputs = [values.pop(v) if last else values[v]
-                      for v, last in zip(segment.inputs, segment.last_reads)]
-            values.update(zip(segment.outputs, segment.run(inputs)))
+        try:
+            for segment in segments:
+                inputs = [values.pop(v) if last else values[v]
+                          for v, last in zip(segment.inputs, segment.last_reads)]
+                values.update(zip(segment.outputs, segment.run(inputs)))
+        except BaseException:
+            wait_for_copies()  # before the failed step's values are freed
+            raise
         return [values[v] if isinstance(v, fx.Node) else v for v in returned]
 
     run_segments._boxed_call = True
     return run_segments
+
+
+def _run_as_is(module: fx.GraphModule) -> Callable[[list], Any]:
+    return lambda args: module(*args)
 
 
 def _keep_planned_strides(output: fx.Node, values: list[fx.Node]) -> None:

@@ -5,7 +5,9 @@ with it. Reports the largest relative gradient difference of each planned step a
 and of eager against itself, then the offload plan's transfers: bytes each way, the predicted
 link time and waits, and the measured step beside the plain plan's.
 
-    python bench/diag/offload.py [MODEL] [BUDGET]      (defaults: gpt2m_sdpa 6.8GiB)
+    python bench/diag/offload.py [MODEL] [BUDGET] [--compile]      (defaults: gpt2m_sdpa 6.8GiB)
+
+With ``--compile`` both plans are compiled by inductor.
 """
 
 import sys
@@ -59,19 +61,20 @@ def split_times(module, x, repeats: int = 3) -> tuple[float, float]:
     return sorted(forward)[repeats // 2], sorted(backward)[repeats // 2]
 
 
-def main(name: str, budget: str) -> None:
+def main(name: str, budget: str, compile: bool) -> None:
     title, build, _checkpointed, inputs = gpu.MODELS[name]
     torch.manual_seed(0)
     model, x = build().cuda(), inputs()
     state = {k: v.cpu() for k, v in model.state_dict().items()}
     eager = [gradients(model, x, seed=7) for _ in range(2)]
-    print(f"{title}, budget {budget}")
+    print(f"{title}, budget {budget}{', compiled' if compile else ''}")
     print(f"eager against eager: {largest_difference(eager[1], eager[0]):.3g}")
     forward_ms, backward_ms = split_times(model, x)
     print(f"eager: forward {forward_ms:.1f} ms, backward {backward_ms:.1f} ms")
     for offload in (False, True):
         model.load_state_dict(state)
-        plan = memplan.optimize(model, budget, example_inputs=(x,), offload=offload)
+        plan = memplan.optimize(model, budget, example_inputs=(x,), offload=offload,
+                                compile=compile)
         planned = gradients(plan.module, x, seed=7)
         chosen = plan._result().chosen
         graph = plan._result().graph
@@ -98,4 +101,5 @@ def main(name: str, budget: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*(sys.argv[1:] or ["gpt2m_sdpa", "6.8GiB"]))
+    positional = [a for a in sys.argv[1:] if a != "--compile"]
+    main(*(positional or ["gpt2m_sdpa", "6.8GiB"]), compile="--compile" in sys.argv)

@@ -15,13 +15,14 @@ counts it. Off CUDA the copies are plain copies, which tests use to check the re
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.fx as fx
 
-from memplan.program import Transfer
+from memplan.program import Program
 
 _side_streams: dict[torch.device, torch.cuda.Stream] = {}
 
@@ -71,11 +72,15 @@ def arrived(flight: InFlight, *held: torch.Tensor) -> torch.Tensor:
     return flight.tensor
 
 
-def offload_in_forward(forward: fx.GraphModule, transfers: Sequence[Transfer],
-                       order: Sequence[str]) -> None:
+# The calls these passes add: inductor's path runs them as they are, between compiled segments.
+HOST_STEPS = frozenset({to_host, to_device, arrived})
+
+
+def offload_in_forward(forward: fx.GraphModule, program: Program) -> None:
     """Copy each transferred value to the host; the graph returns the host copy instead.
-    ``order`` is the program's forward order: where a pass erased a transfer's ``free_after``
-    node (``reuse_draws_in_forward``), the value is dropped after the nearest node before it."""
+    Where a pass erased a transfer's ``free_after`` node (``reuse_draws_in_forward``), the
+    value is dropped after the nearest node before it in the program's order."""
+    transfers, order = program.offloaded, program.forward
     if not transfers:
         return
     graph = forward.graph
@@ -98,10 +103,11 @@ def offload_in_forward(forward: fx.GraphModule, transfers: Sequence[Transfer],
     forward.recompile()
 
 
-def fetch_in_backward(backward: fx.GraphModule, transfers: Sequence[Transfer]) -> None:
+def fetch_in_backward(backward: fx.GraphModule, program: Program) -> None:
     """Copy each transferred value back after its ``fetch_after`` step, for its first reader,
     to the device it came from (its placeholder's traced value says which). Call it on the graph
     ``memplan.passes.partition`` built: one node per program step."""
+    transfers = program.offloaded
     if not transfers:
         return
     graph = backward.graph
@@ -121,8 +127,16 @@ def fetch_in_backward(backward: fx.GraphModule, transfers: Sequence[Transfer]) -
                 flight = graph.call_function(to_device, (host, host.meta["val"].device))
             with graph.inserting_before(readers[0]):
                 value = graph.call_function(arrived, (flight,))
+            value.meta["val"] = _new_like(host.meta["val"])  # what inductor compiles readers for
             for reader in readers:
                 reader.replace_input_with(host, value)
             point = flight
     graph.lint()
     backward.recompile()
+
+
+def _new_like(traced: torch.Tensor) -> torch.Tensor:
+    """A traced value of the same layout with a storage of its own."""
+    with getattr(traced, "fake_mode", None) or contextlib.nullcontext():
+        return torch.empty_strided(traced.size(), traced.stride(), dtype=traced.dtype,
+                                   device=traced.device)
