@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -117,8 +118,13 @@ def plan_step(graph: JointGraph, budget: Any, method: str, device: torch.device,
             + ("" if method == "auto" else " or use method='auto'") + ", or a smaller batch.",
             minimum_bytes=minimum)
     if link is not None:
-        offloading = [improve(graph, s, planned_bytes, config=config, link=link)
-                      for s in alternatives if s.feasible]
+        starts: dict[frozenset[str], StepSchedule] = {}  # solvers often agree
+        for schedule in alternatives:
+            if schedule.feasible:
+                starts.setdefault(frozenset(schedule.program.saved), schedule)
+        deadline = time.perf_counter() + time_limit_s
+        offloading = [improve(graph, s, planned_bytes, config=config, link=link,
+                              deadline=deadline) for s in starts.values()]
         best = min(offloading, key=lambda s: s.recompute_s + s.stall_s)
         if best.program.offloaded:
             chosen = best
@@ -201,7 +207,7 @@ def optimize(model: torch.nn.Module, budget: Any, *, example_inputs: tuple | Non
 
     ``method="auto"`` keeps the cheapest plan of the fast solvers (seconds, reproducible);
     ``method="cpsat"`` starts from those and searches for a cheaper plan and its optimality gap,
-    within ``time_limit_s`` in all.
+    within ``time_limit_s`` in all; the offload search (below) stops after ``time_limit_s`` too.
 
     ``cost_model`` prices recomputation: ``"analytic"`` (a roofline, no device time) or
     ``"profile"`` (each distinct op timed once on the device, cached on disk).

@@ -5,6 +5,7 @@ planned steps are checked with a stand-in link (``memplan.api.host_link``); what
 cost and save on a GPU is measured by ``bench/gpu.py --offload`` and ``bench/diag/offload.py``.
 """
 
+import time
 from dataclasses import replace
 
 import pytest
@@ -178,6 +179,8 @@ def test_offloading_fits_the_budget_and_never_costs_more(fraction):
     assert offloading.recompute_s + offloading.stall_s <= base.recompute_s
     if fraction < 0.9:  # the chain-dp plan recomputes enough for copies to pay
         assert offloading.program.offloaded
+    assert improve(graph, base, budget, config=config, link=HostLink(bytes_per_s=1e9, min_bytes=0),
+                   deadline=time.perf_counter()) is base  # past its time limit: nothing tried
 
 
 def test_offload_is_refused_where_it_cannot_run():
