@@ -10,7 +10,7 @@ Measured as in bench/core.py (peak after ``reset_peak_memory_stats``, median of 
 warm-ups); reserved is ``max_memory_reserved`` over those steps, after emptying the cache.
 
     python bench/gpu.py --model resnet50 [--compile [--no-eager]] [--budgets 75% minimum]
-                        [--no-anchors | --anchors] [--offload [only]] [--cuda-graphs] [--no-tf32]
+                        [--no-anchors | --anchors] [--offload [only]] [--cuda-graphs] [--channels-last] [--no-tf32]
                         [--deterministic] [--tag part2] --out-dir bench/results
 
 writes ``gpu_<model>[_compiled][_<tag>].md`` (``_compiled`` with ``--no-eager``: the table,
@@ -122,6 +122,7 @@ CUDA_GRAPHS = False  # plan memplan's rows for CUDA graphs and replay them so to
 # beside each memplan row, the same budget planned with offload (``--offload``), or "only" that
 OFFLOAD: bool | str = False
 ANCHORS = False  # torch.compile's rows without memplan compiled (``--anchors``)
+CHANNELS_LAST = False  # the model and its input in channels-last layout (``--channels-last``)
 ROWS: list[dict] = []  # every row measured so far, written out after each (a run may time out)
 WRITE = None
 
@@ -268,6 +269,8 @@ def run(name: str, compile: bool, eager: bool, anchors: list[float], budgets: li
     _title, build, checkpointed, inputs = MODELS[name]
     torch.manual_seed(0)
     model, x = build().cuda(), inputs()
+    if CHANNELS_LAST:
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
     measured("naive eager", model, x, kind="naive eager")
     measured("built-in checkpointing", checkpointed(copy.deepcopy(model)), x,
              kind="built-in checkpointing")
@@ -337,6 +340,8 @@ def main() -> None:
                         metavar="only",
                         help="add each memplan budget planned with offload=True; "
                              "'--offload only' plans with offload only")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="the model and its input in channels-last memory format, every row")
     parser.add_argument("--no-tf32", action="store_true",
                         help="full fp32: TF32 off for convolutions and matmuls")
     parser.add_argument("--deterministic", action="store_true",
@@ -352,7 +357,8 @@ def main() -> None:
     stem = "_".join(["gpu", args.model] + ["compiled"] * args.no_eager + [args.tag] * bool(args.tag))
     command = f"python bench/gpu.py {' '.join(sys.argv[1:])}"
     precision = ("fp32, TF32 off" if args.no_tf32 else "fp32") + (
-        ", cuDNN deterministic" if args.deterministic else "")
+        ", cuDNN deterministic" if args.deterministic else "") + (
+        ", channels-last" if args.channels_last else "")
     header = (f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, {precision}; {title}\n"
               f"command: {command}\n")
 
@@ -363,9 +369,10 @@ def main() -> None:
             dict(model=title, device=torch.cuda.get_device_name(), torch=torch.__version__,
                  command=command, rows=ROWS), indent=1))
 
-    global WRITE, CUDA_GRAPHS, OFFLOAD, ANCHORS
+    global WRITE, CUDA_GRAPHS, OFFLOAD, ANCHORS, CHANNELS_LAST
     WRITE = write if args.out_dir else None
     CUDA_GRAPHS, OFFLOAD, ANCHORS = args.cuda_graphs, args.offload, args.anchors
+    CHANNELS_LAST = args.channels_last
     run(args.model, args.compile, eager=not args.no_eager,
         anchors=[] if args.no_anchors else args.anchor_budgets, budgets=args.budgets)
     print(header + "\n" + table(ROWS))

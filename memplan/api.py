@@ -258,7 +258,8 @@ def optimize(model: torch.nn.Module, budget: Any, *, example_inputs: tuple | Non
 
         def planner(graph: JointGraph, joint: torch.fx.GraphModule) -> Program:
             times = node_times(cost_model, graph, joint, device,
-                               host_dispatch=not (compile or cuda_graphs))
+                               executor="compiled" if compile else
+                               "cuda_graphs" if cuda_graphs else "eager")
             graphs_bytes = held_bytes(model, flat, graph) if cuda_graphs else 0
             holder["result"] = plan_step(graph, budget, method, device, node_time_s=times,
                                          time_limit_s=time_limit_s, graphs_bytes=graphs_bytes,

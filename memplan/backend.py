@@ -39,7 +39,7 @@ def backend(budget: Any, *, method: str = "auto", cost_model: str = "analytic",
         link = host_link(device) if offload else None
 
         def planner(graph, joint):
-            times = node_times(cost_model, graph, joint, device, host_dispatch=False)
+            times = node_times(cost_model, graph, joint, device, executor="compiled")
             plans.append(plan_step(graph, budget, method, device, node_time_s=times,
                                    time_limit_s=time_limit_s, link=link))
             return plans[-1].chosen.program

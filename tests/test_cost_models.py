@@ -48,17 +48,22 @@ def test_analytic_flops_equal_torch_flop_counter():
 
 
 def test_a_small_op_costs_its_host_dispatch_only_where_the_host_dispatches_it():
-    """The eager executor dispatches each op; compiled graphs and CUDA graphs' replays do not."""
+    """The eager executor dispatches each op; compiled graphs and CUDA graphs' replays do not,
+    and a replayed op costs its fitted extra."""
     torch.manual_seed(0)
     model, args = Attention(), (torch.randn(2, 16, 32), torch.randn(2, 4, 8, 8))
     graph = memplan.optimize(model, "100%", example_inputs=args, method="none")._result().graph
     relu = next(n for n in graph.nodes if n.op.startswith("aten.relu."))
     eager = for_device("cuda", "NVIDIA H200")
-    compiled = for_device("cuda", "NVIDIA H200", host_dispatch=False)
+    compiled = for_device("cuda", "NVIDIA H200", executor="compiled")
+    replayed = for_device("cuda", "NVIDIA H200", executor="cuda_graphs")
     roofline = compiled.node_time_s(relu)
     assert roofline < eager.rates.dispatch_s  # a few hundred floats: the host is the bound
     assert eager.node_time_s(relu) == eager.rates.dispatch_s
+    assert replayed.node_time_s(relu) == pytest.approx(roofline + eager.rates.replayed_op_s)
     assert for_device("cpu").node_time_s(relu) < eager.rates.dispatch_s
+    with pytest.raises(ValueError, match="cuda_graphs"):
+        for_device("cuda", "NVIDIA H200", executor="graphs")
 
 
 @pytest.fixture

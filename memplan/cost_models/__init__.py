@@ -24,12 +24,11 @@ def check_cost_model(name: str) -> None:
 
 
 def node_times(name: str, graph: JointGraph, joint: torch.fx.GraphModule,
-               device: torch.device, *, host_dispatch: bool = True) -> dict[str, float]:
-    """Seconds per node of ``graph`` under the named cost model; ``host_dispatch`` where the
-    host dispatches each op as it runs (the eager executor; not compiled graphs, nor CUDA
-    graphs' replays)."""
+               device: torch.device, *, executor: str = "eager") -> dict[str, float]:
+    """Seconds per node of ``graph`` under the named cost model, for the executor that runs
+    the plan (``for_device``)."""
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    times = for_device(device.type, device_name, host_dispatch=host_dispatch).times(graph)
+    times = for_device(device.type, device_name, executor=executor).times(graph)
     if name == "profile":
         times.update(profile_times(joint, device, OpTimeCache(default_cache_path())))
     return times
