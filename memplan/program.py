@@ -151,3 +151,26 @@ def build_program(graph: JointGraph, keep: Iterable[str]) -> Program:
     return Program(forward=forward_order(graph, saved),
                    saved=tuple(sorted(saved, key=graph.index.__getitem__)),
                    backward=backward_order(graph, saved))
+
+
+def save_more(graph: JointGraph, program: Program, names: Iterable[str]) -> Program:
+    """``program`` with ``names`` (forward values it recomputes) saved instead, its other steps
+    in their order: a multi-level schedule keeps its levels, where ``build_program`` of the
+    larger saved set would recompute everything once. Recomputations that only the saved
+    values needed are dropped, and so are saved values no step reads any more."""
+    names = set(names)
+    saved = set(program.saved) | names
+    wanted: set[str] = set()
+    backward: list[str] = []
+    for name in reversed(program.backward):  # a recomputation lives if a later step reads it
+        node = graph[name]
+        if node.phase is Phase.FORWARD and (name in names or name not in wanted):
+            continue
+        wanted.discard(name)
+        backward.append(name)
+        wanted.update(node.inputs)
+    read = {i for name in backward for i in graph[name].inputs}
+    saved = frozenset(name for name in saved if name in read)
+    return Program(forward=forward_order(graph, saved),
+                   saved=tuple(sorted(saved, key=graph.index.__getitem__)),
+                   backward=tuple(reversed(backward)))

@@ -6,6 +6,7 @@ cost and save on a GPU is measured by ``bench/gpu.py --offload`` and ``bench/dia
 """
 
 import time
+from collections import Counter
 from dataclasses import replace
 
 import pytest
@@ -16,7 +17,8 @@ import memplan
 import memplan.api
 import memplan.solvers.offload as offload_module
 from memplan.liveness import simulate
-from memplan.program import Transfer, build_program, candidates
+from memplan.program import Transfer, build_program, candidates, save_more
+from memplan.graph import Phase
 from memplan.solvers import SolverConfig, solve
 import memplan.passes.offload as offload_pass
 from memplan.passes.offload import arrived, to_device, to_host
@@ -210,3 +212,47 @@ def test_compiled_offloading_plans_match_eager(stand_in_link, monkeypatch, name,
     assert plan.program.offloaded, "the stand-in link makes offloading pay"
     assert_steps_match(plan.module, case, eager, rtol)
     assert len(copies) == 2 * 2 * len(plan.program.offloaded)  # two steps
+
+
+def _recomputed_twice(graph, program):
+    counts = Counter(program.backward)
+    return {name for name, n in counts.items() if n > 1 and graph[name].phase is Phase.FORWARD}
+
+
+def test_saving_more_keeps_a_multi_level_programs_levels():
+    """Each step reads values saved, given (primals, tangents) or computed earlier in backward;
+    the newly saved values are no longer recomputed (nor saved, where another of them was all
+    that read one), what only they needed is gone, and values recomputed twice elsewhere still
+    are."""
+    case = build("gpt2")
+    plan = memplan.optimize(case.model, "60%", example_inputs=case.args,
+                            example_kwargs=case.kwargs, method="log")
+    graph, program = plan._result().graph, plan.program
+    twice = _recomputed_twice(graph, program)
+    assert twice and program != build_program(graph, program.saved), "a multi-level program"
+    names = [n for n in program.recomputed if n not in twice and offloadable(graph, n, 0)][:3]
+    saved_more = save_more(graph, program, names)
+    assert set(names) & set(saved_more.saved) and not set(names) & set(saved_more.backward)
+    assert _recomputed_twice(graph, saved_more)
+    computed = set()
+    for step in saved_more.backward:
+        for value in graph[step].inputs:
+            assert (value in computed or value in saved_more.saved
+                    or graph[value].phase in (Phase.PRIMAL, Phase.TANGENT)), (step, value)
+        computed.add(step)
+    reads = {value for step in saved_more.backward for value in graph[step].inputs}
+    assert set(saved_more.saved) <= reads
+    assert len(saved_more.backward) < len(program.backward)
+
+
+def test_an_offloading_multi_level_plan_matches_eager_bitwise(monkeypatch):
+    """With a slow link the ResNet's log plan gains most with its levels kept."""
+    monkeypatch.setattr(memplan.api, "host_link", lambda device: HostLink(5e8, min_bytes=0))
+    case = build("preact_resnet29")
+    eager = eager_twin(case)
+    plan = memplan.optimize(case.model, "60%", example_inputs=case.args,
+                            example_kwargs=case.kwargs, method="log", offload=True)
+    assert plan.method == "log+offload" and plan.program.offloaded
+    assert _recomputed_twice(plan._result().graph, plan.program), "its levels are kept"
+    assert_matches_eager(plan, case, eager)
+    assert_copies_where_planned(plan)

@@ -25,7 +25,7 @@ from typing import Mapping, Sequence
 
 from memplan.graph import JointGraph, Phase
 from memplan.liveness import forward_end_bytes
-from memplan.program import Program, Transfer, build_program
+from memplan.program import Program, Transfer, build_program, save_more
 from memplan.solvers.base import SolverConfig, StepSchedule, evaluate
 
 PREFIXES = 16  # prefix lengths tried on a first pass, and again between the best one's neighbours
@@ -114,11 +114,15 @@ def _backward_waits(graph: JointGraph, program: Program, fetch_after: Mapping[st
     return waited
 
 
-def with_offload(graph: JointGraph, keep: set[str], names: Sequence[str], budget_bytes: int, *,
-                 method: str, config: SolverConfig, link: HostLink) -> StepSchedule | None:
-    """The schedule that keeps ``keep`` on the device and ``names`` on the host; None where
-    the forward alone ends above the budget (``forward_end_bytes``), without simulating it."""
-    program = build_program(graph, keep | set(names))
+def with_offload(graph: JointGraph, levels: Program | None, keep: set[str], names: Sequence[str],
+                 budget_bytes: int, *, method: str, config: SolverConfig,
+                 link: HostLink) -> StepSchedule | None:
+    """The schedule that keeps ``keep`` on the device and ``names`` on the host: the multi-level
+    program ``levels`` with them saved (``save_more``), or without one, the single-level program
+    of that saved set. None where the forward alone ends above the budget
+    (``forward_end_bytes``), without simulating it."""
+    program = (build_program(graph, keep | set(names)) if levels is None
+               else save_more(graph, levels, keep | set(names)))
     saved = set(program.saved)
     names = [name for name in names if name in saved]
     transfers, wait_s = place_transfers(graph, program, names, config.node_time_s, link)
@@ -133,7 +137,13 @@ def improve(graph: JointGraph, schedule: StepSchedule, budget_bytes: int, *,
             config: SolverConfig, link: HostLink, deadline: float = math.inf) -> StepSchedule:
     """``schedule`` with a prefix of its recomputed values offloaded, where that fits the budget
     and is predicted faster; else ``schedule`` itself. No prefix is tried after ``deadline``
-    (``time.perf_counter()``): on ResNet-1001 each is a simulation of 26,000 nodes."""
+    (``time.perf_counter()``): on ResNet-1001 each is a simulation of 26,000 nodes.
+
+    The prefixes are tried on the single-level program of the new saved set and, where
+    ``schedule`` is multi-level, on it with its levels kept (``save_more``). Rebuilt, a
+    multi-level program recomputes each value once: ResNet-1001's chain-dp plan at 30% of its
+    peak would peak at 3.41 GiB instead of 2.70 before any offload; GPT-2 medium's log plan at
+    6.8 GiB did best rebuilt (bench/results/offload_h200.md)."""
     started = time.perf_counter()
     times = config.node_time_s
     keep = set(schedule.program.saved)
@@ -144,44 +154,55 @@ def improve(graph: JointGraph, schedule: StepSchedule, budget_bytes: int, *,
                      and graph[name].storages[0] not in held),
                     key=lambda name: (-_time_per_byte(graph, times, name), graph.index[name]))
     method = f"{schedule.method}+offload"
-    tried: dict[int, StepSchedule | None] = {}  # None: its forward ends over the budget
-
-    def attempt(count: int) -> None:
-        if count not in tried and time.perf_counter() < deadline:
-            tried[count] = with_offload(graph, keep, ranked[:count], budget_bytes, method=method,
-                                        config=config, link=link)
+    tried = 0
 
     def cost(s: StepSchedule | None) -> float:
         return s.recompute_s + s.stall_s if s is not None and s.feasible else math.inf
 
-    counts = sorted({round(len(ranked) * i / PREFIXES) for i in range(1, PREFIXES + 1)} - {0})
-    for count in counts:
-        attempt(count)
-    if tried:
-        best = min(tried, key=lambda c: cost(tried[c]))
-        below = max((c for c in counts if c < best), default=0)
-        above = min((c for c in counts if c > best), default=best)
-        for count in sorted({round(below + (above - below) * i / PREFIXES)
-                             for i in range(1, PREFIXES)} - {0}):
+    def search(levels: Program | None) -> StepSchedule | None:
+        nonlocal tried
+        schedules: dict[int, StepSchedule | None] = {}  # None: its forward ends over the budget
+
+        def attempt(count: int) -> None:
+            if count not in schedules and time.perf_counter() < deadline:
+                schedules[count] = with_offload(graph, levels, keep, ranked[:count], budget_bytes,
+                                                method=method, config=config, link=link)
+
+        counts = sorted({round(len(ranked) * i / PREFIXES) for i in range(1, PREFIXES + 1)} - {0})
+        for count in counts:
             attempt(count)
-    fitting = [s for s in tried.values() if s is not None and s.feasible]
-    best_schedule = min(fitting, key=cost, default=None)
-    if best_schedule is None:
-        return schedule
-    best_schedule = min(best_schedule, _keep_more(graph, best_schedule, budget_bytes,
-                                                  config=config, link=link, deadline=deadline),
-                        key=cost)
-    if cost(best_schedule) >= schedule.recompute_s + schedule.stall_s:
+        if schedules:
+            best = min(schedules, key=lambda c: cost(schedules[c]))
+            below = max((c for c in counts if c < best), default=0)
+            above = min((c for c in counts if c > best), default=best)
+            for count in sorted({round(below + (above - below) * i / PREFIXES)
+                                 for i in range(1, PREFIXES)} - {0}):
+                attempt(count)
+        tried += len(schedules)
+        fitting = [s for s in schedules.values() if s is not None and s.feasible]
+        if not fitting:
+            return None
+        best_schedule = min(fitting, key=cost)
+        return min(best_schedule, _keep_more(graph, levels, best_schedule, budget_bytes,
+                                             config=config, link=link, deadline=deadline),
+                   key=cost)
+
+    multi_level = schedule.program != build_program(graph, keep)
+    found = [s for s in map(search, [None, schedule.program] if multi_level else [None])
+             if s is not None]
+    best_schedule = min(found, key=cost, default=None)
+    if best_schedule is None or cost(best_schedule) >= schedule.recompute_s + schedule.stall_s:
         return schedule
     stopped = time.perf_counter() >= deadline
     return replace(best_schedule,
                    solve_time_s=schedule.solve_time_s + time.perf_counter() - started,
-                   detail=f"offload search stopped at its time limit after {len(tried)} prefixes"
+                   detail=f"offload search stopped at its time limit after {tried} prefixes"
                    if stopped else "")
 
 
-def _keep_more(graph: JointGraph, schedule: StepSchedule, budget_bytes: int, *,
-               config: SolverConfig, link: HostLink, deadline: float) -> StepSchedule:
+def _keep_more(graph: JointGraph, levels: Program | None, schedule: StepSchedule,
+               budget_bytes: int, *, config: SolverConfig, link: HostLink,
+               deadline: float) -> StepSchedule:
     """Offloading frees device memory the keep/recompute plan had counted on: keep the longest
     prefix of what is still recomputed, ranked by time per byte, that fits (by bisection)."""
     times = config.node_time_s
@@ -194,7 +215,7 @@ def _keep_more(graph: JointGraph, schedule: StepSchedule, budget_bytes: int, *,
     best, low, high = schedule, 0, len(ranked)
     while low < high and time.perf_counter() < deadline:
         count = (low + high + 1) // 2
-        attempt = with_offload(graph, keep | set(ranked[:count]), offloaded, budget_bytes,
+        attempt = with_offload(graph, levels, keep | set(ranked[:count]), offloaded, budget_bytes,
                                method=schedule.method, config=config, link=link)
         if attempt is not None and attempt.feasible:
             best, low = attempt, count
