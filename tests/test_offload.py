@@ -214,6 +214,21 @@ def test_compiled_offloading_plans_match_eager(stand_in_link, monkeypatch, name,
     assert len(copies) == 2 * 2 * len(plan.program.offloaded)  # two steps
 
 
+def test_the_torch_compile_backend_offloads(monkeypatch):
+    pytest.importorskip("torch._inductor.compile_fx")
+    import sys
+    import torch
+    from test_compile import assert_steps_match
+    # memplan.backend names the function; its module prices the link
+    monkeypatch.setattr(sys.modules["memplan.backend"], "host_link", lambda device: FAST_LINK)
+    case = build("mlp")
+    eager = eager_twin(case)
+    memplan_backend = memplan.backend(0.85, offload=True)
+    compiled = torch.compile(case.model, backend=memplan_backend, fullgraph=True)
+    assert_steps_match(compiled, case, eager)
+    assert memplan_backend.plans[-1].chosen.program.offloaded
+
+
 def _recomputed_twice(graph, program):
     counts = Counter(program.backward)
     return {name for name, n in counts.items() if n > 1 and graph[name].phase is Phase.FORWARD}
