@@ -118,10 +118,10 @@ def plan_step(graph: JointGraph, budget: Any, method: str, device: torch.device,
             + ("" if method == "auto" else " or use method='auto'") + ", or a smaller batch.",
             minimum_bytes=minimum)
     if link is not None:
-        starts: dict[frozenset[str], StepSchedule] = {}  # solvers often agree
+        starts: dict[Program, StepSchedule] = {}  # solvers often agree
         for schedule in alternatives:
             if schedule.feasible:
-                starts.setdefault(frozenset(schedule.program.saved), schedule)
+                starts.setdefault(schedule.program, schedule)
         deadline = time.perf_counter() + time_limit_s
         offloading = [improve(graph, s, planned_bytes, config=config, link=link,
                               deadline=deadline) for s in starts.values()]
@@ -129,6 +129,8 @@ def plan_step(graph: JointGraph, budget: Any, method: str, device: torch.device,
         if best.program.offloaded:
             chosen = best
             alternatives = [best, *alternatives]
+        else:  # the chosen plan unchanged, with any note of its search
+            chosen = offloading[0]
     return PlanResult(graph=graph, budget_bytes=budget_bytes, baseline=baseline, chosen=chosen,
                       alternatives=alternatives, device=str(device), headroom_bytes=headroom,
                       graphs_bytes=graphs_bytes)
@@ -205,7 +207,8 @@ def optimize(model: torch.nn.Module, budget: Any, *, example_inputs: tuple | Non
              time_limit_s: float = 30.0) -> Plan:
     """Plan ``model``'s training step to fit ``budget``; see ``memplan.parse_budget`` for forms.
 
-    ``method="auto"`` keeps the cheapest plan of the fast solvers (seconds, reproducible);
+    ``method="auto"`` keeps the cheapest plan of the fast solvers (seconds, reproducible; with
+    ``offload``, not where its search is cut at ``time_limit_s``, which the report says);
     ``method="cpsat"`` starts from those and searches for a cheaper plan and its optimality gap,
     within ``time_limit_s`` in all; the offload search (below) stops after ``time_limit_s`` too.
 

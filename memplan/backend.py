@@ -37,6 +37,7 @@ def backend(budget: Any, *, method: str = "auto", cost_model: str = "analytic",
         _refuse_graph_break(gm)
         device = device_of(gm, example_inputs)
         link = host_link(device) if offload else None
+        result: dict[str, Any] = {}  # this graph's plan: its backward compiles at its first call
 
         def planner(graph, joint):
             times = node_times(cost_model, graph, joint, device, executor="compiled")
@@ -45,12 +46,12 @@ def backend(budget: Any, *, method: str = "auto", cost_model: str = "analytic",
             return plans[-1].chosen.program
 
         outputs = next(iter(reversed(gm.graph.nodes))).args[0]
-        partition = make_partition(planner, {}, device=device, user_outputs=len(outputs),
+        partition = make_partition(planner, result, device=device, user_outputs=len(outputs),
                                    param_count=0, buffer_count=0, eager=False)
         return compile_with_inductor(
             gm, example_inputs, partition,
-            rewrite_forward=lambda g: offload_in_forward(g, plans[-1].chosen.program),
-            rewrite_backward=lambda g: fetch_in_backward(g, plans[-1].chosen.program))
+            rewrite_forward=lambda g: offload_in_forward(g, result["program"]),
+            rewrite_backward=lambda g: fetch_in_backward(g, result["program"]))
 
     memplan_backend.plans = plans
     return memplan_backend

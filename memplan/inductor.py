@@ -67,6 +67,7 @@ has none, so one is made here.
 from __future__ import annotations
 
 import contextlib
+import functools
 import operator
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
@@ -110,26 +111,24 @@ def compile_with_inductor(gm: fx.GraphModule, example_inputs: Sequence[Any],
 
     # Each compiler sets the options itself: aot_autograd compiles the backward at its first
     # call, after this function has returned.
-    def forward(graph: fx.GraphModule, inputs: Sequence[Any]) -> Callable[..., Any]:
-        rewrite_forward(graph)
-        with torch._inductor.config.patch(options):
-            return compile_in_segments(graph, inputs, compile_fx_inner, OPS_PER_SEGMENT,
-                                       planned_strides=on_cuda)
-
-    def backward(graph: fx.GraphModule, inputs: Sequence[Any]) -> Callable[..., Any]:
-        rewrite_backward(graph)
-        with torch._inductor.config.patch(options):
-            return compile_in_segments(graph, inputs,
-                                       lambda g, i: compile_fx_inner(g, i, is_backward=True),
-                                       OPS_PER_SEGMENT, planned_strides=on_cuda)
+    def compiler(rewrite: Callable[[fx.GraphModule], None], is_backward: bool = False):
+        def compile_graph(graph: fx.GraphModule, inputs: Sequence[Any]) -> Callable[..., Any]:
+            rewrite(graph)
+            with torch._inductor.config.patch(options):
+                return compile_in_segments(graph, inputs,
+                                           functools.partial(compile_fx_inner, is_backward=is_backward),
+                                           OPS_PER_SEGMENT, planned_strides=on_cuda)
+        return compile_graph
 
     context = contextlib.nullcontext()
     if TracingContext.try_get() is None:
         fake_mode = detect_fake_mode(example_inputs) or FakeTensorMode(allow_non_fake_inputs=True)
         context = tracing(TracingContext(fake_mode))
     with context, torch._inductor.config.patch(options):
-        return aot_module_simplified(gm, list(example_inputs), fw_compiler=forward,
-                                     bw_compiler=backward, partition_fn=partition,
+        return aot_module_simplified(gm, list(example_inputs), fw_compiler=compiler(rewrite_forward),
+                                     bw_compiler=compiler(rewrite_backward, is_backward=True),
+                                     inference_compiler=compiler(lambda _: None),  # not planned
+                                     partition_fn=partition,
                                      decompositions=select_decomp_table(),
                                      keep_inference_input_mutations=True)
 

@@ -181,8 +181,9 @@ def test_offloading_fits_the_budget_and_never_costs_more(fraction):
     assert offloading.recompute_s + offloading.stall_s <= base.recompute_s
     if fraction < 0.9:  # the chain-dp plan recomputes enough for copies to pay
         assert offloading.program.offloaded
-    assert improve(graph, base, budget, config=config, link=HostLink(bytes_per_s=1e9, min_bytes=0),
-                   deadline=time.perf_counter()) is base  # past its time limit: nothing tried
+    late = improve(graph, base, budget, config=config, link=HostLink(bytes_per_s=1e9, min_bytes=0),
+                   deadline=time.perf_counter())  # past its time limit: nothing tried, and said
+    assert late.program == base.program and "cut at its time limit after 0 prefixes" in late.detail
 
 
 def test_offload_is_refused_where_it_cannot_run():
@@ -215,6 +216,7 @@ def test_compiled_offloading_plans_match_eager(stand_in_link, monkeypatch, name,
 
 
 def test_the_torch_compile_backend_offloads(monkeypatch):
+    """Each graph's copies follow its own plan; a graph compiled without grad plans nothing."""
     pytest.importorskip("torch._inductor.compile_fx")
     import sys
     import torch
@@ -223,10 +225,19 @@ def test_the_torch_compile_backend_offloads(monkeypatch):
     monkeypatch.setattr(sys.modules["memplan.backend"], "host_link", lambda device: FAST_LINK)
     case = build("mlp")
     eager = eager_twin(case)
+    copies = []
+    copy = offload_pass._copy
+    monkeypatch.setattr(offload_pass, "_copy", lambda *a: copies.append(a[0].shape) or copy(*a))
     memplan_backend = memplan.backend(0.85, offload=True)
     compiled = torch.compile(case.model, backend=memplan_backend, fullgraph=True)
+    case.model.eval()
+    with torch.no_grad():  # an inference graph: compiled, nothing planned, nothing copied
+        compiled(*case.args, **case.kwargs)
+    case.model.train()
+    assert not memplan_backend.plans and not copies
     assert_steps_match(compiled, case, eager)
-    assert memplan_backend.plans[-1].chosen.program.offloaded
+    offloaded = memplan_backend.plans[-1].chosen.program.offloaded
+    assert offloaded and len(copies) == 2 * 2 * len(offloaded)  # two steps
 
 
 def _recomputed_twice(graph, program):

@@ -59,9 +59,13 @@ def to_device(host: torch.Tensor, device: torch.device) -> InFlight:
 
 def wait_for_copies() -> None:
     """Block until every copy has finished: a step that raises drops the values being copied
-    back, whose memory the side stream may still be writing."""
+    back, whose memory the side stream may still be writing. Called as such a step unwinds: a
+    device that fails here too leaves the step's own error to be reported."""
     for stream in _side_streams.values():
-        stream.synchronize()
+        try:
+            stream.synchronize()
+        except RuntimeError:
+            pass
 
 
 def arrived(flight: InFlight, *held: torch.Tensor) -> torch.Tensor:

@@ -154,19 +154,24 @@ def improve(graph: JointGraph, schedule: StepSchedule, budget_bytes: int, *,
                      and graph[name].storages[0] not in held),
                     key=lambda name: (-_time_per_byte(graph, times, name), graph.index[name]))
     method = f"{schedule.method}+offload"
-    tried = 0
+    tried, cut = 0, False  # prefixes simulated; whether the deadline left some untried
 
     def cost(s: StepSchedule | None) -> float:
         return s.recompute_s + s.stall_s if s is not None and s.feasible else math.inf
 
     def search(levels: Program | None) -> StepSchedule | None:
-        nonlocal tried
+        nonlocal tried, cut
         schedules: dict[int, StepSchedule | None] = {}  # None: its forward ends over the budget
 
         def attempt(count: int) -> None:
-            if count not in schedules and time.perf_counter() < deadline:
-                schedules[count] = with_offload(graph, levels, keep, ranked[:count], budget_bytes,
-                                                method=method, config=config, link=link)
+            nonlocal cut
+            if count in schedules:
+                return
+            if time.perf_counter() >= deadline:
+                cut = True
+                return
+            schedules[count] = with_offload(graph, levels, keep, ranked[:count], budget_bytes,
+                                            method=method, config=config, link=link)
 
         counts = sorted({round(len(ranked) * i / PREFIXES) for i in range(1, PREFIXES + 1)} - {0})
         for count in counts:
@@ -183,28 +188,30 @@ def improve(graph: JointGraph, schedule: StepSchedule, budget_bytes: int, *,
         if not fitting:
             return None
         best_schedule = min(fitting, key=cost)
-        return min(best_schedule, _keep_more(graph, levels, best_schedule, budget_bytes,
-                                             config=config, link=link, deadline=deadline),
-                   key=cost)
+        kept_more, stopped = _keep_more(graph, levels, best_schedule, budget_bytes,
+                                        config=config, link=link, deadline=deadline)
+        cut = cut or stopped
+        return min(best_schedule, kept_more, key=cost)
 
+    # Where the deadline binds (large graphs), a multi-level start gains most with its levels.
     multi_level = schedule.program != build_program(graph, keep)
-    found = [s for s in map(search, [None, schedule.program] if multi_level else [None])
+    found = [s for s in map(search, [schedule.program, None] if multi_level else [None])
              if s is not None]
     best_schedule = min(found, key=cost, default=None)
+    note = f"offload search cut at its time limit after {tried} prefixes" if cut else ""
     if best_schedule is None or cost(best_schedule) >= schedule.recompute_s + schedule.stall_s:
-        return schedule
-    stopped = time.perf_counter() >= deadline
+        return replace(schedule, detail="; ".join(filter(None, (schedule.detail, note))))
     return replace(best_schedule,
                    solve_time_s=schedule.solve_time_s + time.perf_counter() - started,
-                   detail=f"offload search stopped at its time limit after {tried} prefixes"
-                   if stopped else "")
+                   detail=note)
 
 
 def _keep_more(graph: JointGraph, levels: Program | None, schedule: StepSchedule,
                budget_bytes: int, *, config: SolverConfig, link: HostLink,
-               deadline: float) -> StepSchedule:
+               deadline: float) -> tuple[StepSchedule, bool]:
     """Offloading frees device memory the keep/recompute plan had counted on: keep the longest
-    prefix of what is still recomputed, ranked by time per byte, that fits (by bisection)."""
+    prefix of what is still recomputed, ranked by time per byte, that fits (by bisection).
+    Also says whether the deadline cut the bisection."""
     times = config.node_time_s
     ranked = sorted((name for name in schedule.program.recomputed
                      if graph[name].phase is Phase.FORWARD and graph[name].is_tensor
@@ -213,7 +220,9 @@ def _keep_more(graph: JointGraph, levels: Program | None, schedule: StepSchedule
     keep = set(schedule.program.saved)
     offloaded = [t.name for t in schedule.program.offloaded]
     best, low, high = schedule, 0, len(ranked)
-    while low < high and time.perf_counter() < deadline:
+    while low < high:
+        if time.perf_counter() >= deadline:
+            return best, True
         count = (low + high + 1) // 2
         attempt = with_offload(graph, levels, keep | set(ranked[:count]), offloaded, budget_bytes,
                                method=schedule.method, config=config, link=link)
@@ -221,7 +230,7 @@ def _keep_more(graph: JointGraph, levels: Program | None, schedule: StepSchedule
             best, low = attempt, count
         else:
             high = count - 1
-    return best
+    return best, False
 
 
 def _time_per_byte(graph: JointGraph, times: Mapping[str, float], name: str) -> float:
