@@ -10,7 +10,8 @@ Copies run on a side stream, ordered by events: the host never waits, unless a s
 (``wait_for_copies``). Each copy's stream first
 waits for the compute stream, so that it reads a finished value and writes memory that compute
 no longer uses; memory is allocated and freed on the compute stream only, as the simulator
-counts it. Off CUDA the copies are plain copies, which tests use to check the rewrite.
+counts it. Off CUDA the copies are plain copies, which tests use to check the rewrite. On the
+compiled path the calls run as they are, between inductor's segments (``HOST_STEPS``).
 """
 
 from __future__ import annotations
