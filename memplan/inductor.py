@@ -150,7 +150,8 @@ def compile_in_segments(graph: fx.GraphModule, example_inputs: Sequence[Any],
     tensors only. The strides each compiled segment reports for its outputs are the example
     inputs of the next, and are reported in turn for the graph's outputs. A segment ends early
     at a value of ``_values_that_free_storage``. With ``planned_strides`` each segment returns
-    its values with the strides of ``graph`` (``_keep_planned_strides``).
+    its values with the strides of ``graph`` (``_keep_planned_strides``). A call of the offload
+    pass (``HOST_STEPS``) is a segment of its own, run as it is.
     """
     _move_input_writes_to_their_values(graph.graph)
     _pass_shapes_not_values(graph.graph)
