@@ -30,7 +30,7 @@ class DeviceRates:
 # host_link_bytes_per_s: copies to and from pinned host memory on the lent H200
 # (bench/results/host_link_h200.md); the H100's is assumed the same (PCIe 5), not measured.
 # replayed_op_s: fitted to five CUDA-graph replays of the eager executor's plans on the lent H200
-# (DenseNet-BC-100 at 30% and its least budget, twice, ResNet-1001 at 1.15 GiB), which took 4.2-6.7
+# (DenseNet-BC-100 at 30% and its least budget, twice, ResNet-1001 at 1.15 GiB), which took 5.4-6.7
 # µs per op more than launch and roofline: an op launches more than one kernel (BatchNorm's
 # statistics and normalisation), and small kernels ramp up and drain
 # (bench/results/cuda_graphs_h200.md, "Replay time"). The H100's is assumed the same.
