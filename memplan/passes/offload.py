@@ -63,10 +63,8 @@ def wait_for_copies() -> None:
     back, whose memory the side stream may still be writing. Called as such a step unwinds: a
     device that fails here too leaves the step's own error to be reported."""
     for stream in _side_streams.values():
-        try:
+        with contextlib.suppress(RuntimeError):
             stream.synchronize()
-        except RuntimeError:
-            pass
 
 
 def arrived(flight: InFlight, *held: torch.Tensor) -> torch.Tensor:
