@@ -32,6 +32,15 @@ def stand_in_link(monkeypatch):
     monkeypatch.setattr(memplan.api, "host_link", lambda device: FAST_LINK)
 
 
+@pytest.fixture
+def copies(monkeypatch):
+    """The copies the executed steps make, to or from the host: one shape each."""
+    made = []
+    copy = offload_pass._copy
+    monkeypatch.setattr(offload_pass, "_copy", lambda *a: made.append(a[0].shape) or copy(*a))
+    return made
+
+
 @pytest.mark.parametrize("name, budget", [("gpt2", "60%"), ("bert", "60%"),
                                           ("preact_resnet29", "60%"), ("mlp", "60%"),
                                           ("densenet40", "minimum")])
@@ -196,16 +205,13 @@ def test_offload_is_refused_where_it_cannot_run():
 
 
 @pytest.mark.parametrize("name, rtol", [("gpt2", 1e-5), ("preact_resnet29", 1e-2)])
-def test_compiled_offloading_plans_match_eager(stand_in_link, monkeypatch, name, rtol):
+def test_compiled_offloading_plans_match_eager(stand_in_link, copies, name, rtol):
     """Inductor compiles the segments between the copies, which run as they are: two copies
     per offloaded value per step, and the step eager's to inductor's rounding. The ResNet's
     plan compiled without offload already differs from eager by up to 4e-3 of a gradient's
     norm on this CPU (mkldnn convolutions on inductor's layouts); a wrong value is off by 1."""
     pytest.importorskip("torch._inductor.compile_fx")
     from test_compile import assert_steps_match
-    copies = []
-    copy = offload_pass._copy
-    monkeypatch.setattr(offload_pass, "_copy", lambda *a: copies.append(a[0].shape) or copy(*a))
     case = build(name)
     eager = eager_twin(case)
     plan = memplan.optimize(case.model, "60%", example_inputs=case.args,
@@ -215,7 +221,7 @@ def test_compiled_offloading_plans_match_eager(stand_in_link, monkeypatch, name,
     assert len(copies) == 2 * 2 * len(plan.program.offloaded)  # two steps
 
 
-def test_the_torch_compile_backend_offloads(monkeypatch):
+def test_the_torch_compile_backend_offloads(monkeypatch, copies):
     """Each graph's copies follow its own plan; a graph compiled without grad plans nothing."""
     pytest.importorskip("torch._inductor.compile_fx")
     import sys
@@ -225,9 +231,6 @@ def test_the_torch_compile_backend_offloads(monkeypatch):
     monkeypatch.setattr(sys.modules["memplan.backend"], "host_link", lambda device: FAST_LINK)
     case = build("mlp")
     eager = eager_twin(case)
-    copies = []
-    copy = offload_pass._copy
-    monkeypatch.setattr(offload_pass, "_copy", lambda *a: copies.append(a[0].shape) or copy(*a))
     memplan_backend = memplan.backend(0.85, offload=True)
     compiled = torch.compile(case.model, backend=memplan_backend, fullgraph=True)
     case.model.eval()
