@@ -26,6 +26,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.flop_counter import flop_registry
 
+from memplan.cost_models.analytic import CONVOLUTIONS
 from memplan.cost_models.workspace import measure_workspaces
 from memplan.errors import CaptureError
 from memplan.executor import boxed
@@ -185,6 +186,21 @@ def _flops(node: fx.Node) -> int:
         return 0
 
 
+def _precision(node: fx.Node) -> str:
+    """The math a FLOP-counted op runs in: float32 matrix products and convolutions on CUDA run
+    in TF32 where torch's flags allow it (cuDNN's by default, cuBLAS's by
+    ``torch.set_float32_matmul_precision``), as the step will."""
+    tensors = _tensors(node.meta.get("val"))
+    if not tensors:
+        return ""
+    dtype = tensors[0].dtype
+    if dtype == torch.float32 and tensors[0].device.type == "cuda":
+        tf32 = (torch.backends.cudnn.allow_tf32 if op_name(node.target).startswith(CONVOLUTIONS)
+                else torch.backends.cuda.matmul.allow_tf32)
+        return "tf32" if tf32 else "fp32"
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+
+
 def _covers_storage(tensor: torch.Tensor) -> bool:
     """Its elements fill its storage, each once: strides, sorted, are a contiguous layout's."""
     if tensor.storage_offset() or tensor.numel() * tensor.element_size() != tensor.untyped_storage().nbytes():
@@ -263,6 +279,7 @@ def joint_to_ir(joint: fx.GraphModule, num_fwd_outputs: int, *, user_outputs: in
         inputs = tuple(dict.fromkeys(n.name for n in node.all_input_nodes))
         moved = sum(t.untyped_storage().nbytes() for n in node.all_input_nodes
                     for t in _tensors(n.meta.get("val")))
+        flops = _flops(node) if node.op == "call_function" else 0
         nodes.append(Node(
             name=node.name, phase=phase, inputs=inputs, storages=tuple(dict.fromkeys(refs)),
             op=op_name(target),
@@ -271,7 +288,8 @@ def joint_to_ir(joint: fx.GraphModule, num_fwd_outputs: int, *, user_outputs: in
             state_inputs=_state_inputs(node),
             mutates=isinstance(target, torch._ops.OpOverload) and target._schema.is_mutable,
             is_tensor=isinstance(value, torch.Tensor),
-            flops=_flops(node) if node.op == "call_function" else 0,
+            flops=flops,
+            precision=_precision(node) if flops else "",
             bytes_moved=moved + sum(storages[s].nbytes for s in refs),
             workspace_bytes=(workspaces or {}).get(node.name, 0),
             written_in_place=written,

@@ -59,6 +59,7 @@ class Node:
     mutates: bool = False  # writes an input in place (copy_ into a buffer): always runs
     is_tensor: bool = True  # False for tuples of outputs and symbolic sizes
     flops: int = 0
+    precision: str = ""  # the math its FLOPs run in: "fp32", "tf32", "bf16", "fp16"
     bytes_moved: int = 0  # bytes read plus bytes written, for the roofline
     workspace_bytes: int = 0  # scratch memory held only while the op runs (cuDNN workspaces)
     written_in_place: bool = False  # the model's eager code computes or overwrites it in place

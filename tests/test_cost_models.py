@@ -66,6 +66,80 @@ def test_a_small_op_costs_its_host_dispatch_only_where_the_host_dispatches_it():
         for_device("cuda", "NVIDIA H200", executor="graphs")
 
 
+def test_float32_products_are_priced_in_the_math_cuda_runs_them_in():
+    """On CUDA, cuDNN convolutions run float32 in TF32 by default, cuBLAS products only at
+    ``set_float32_matmul_precision("high")``; TF32 and bf16 are priced at their own rates."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from memplan.capture import _precision
+    from memplan.graph import Node, Phase
+
+    def step(image, weight, matrix, half):
+        return F.conv2d(image, weight), matrix @ matrix, half @ half, image.relu()
+
+    with FakeTensorMode():  # CUDA values without a GPU
+        args = (torch.empty(2, 4, 8, 8, device="cuda"), torch.empty(8, 4, 3, 3, device="cuda"),
+                torch.empty(64, 64, device="cuda"), torch.empty(64, 64, device="cuda", dtype=torch.bfloat16))
+    graph = make_fx(step, tracing_mode="fake")(*args).graph
+
+    def precisions() -> list[str]:
+        return [_precision(n) for n in graph.nodes if n.op == "call_function"
+                and str(n.target) in ("aten.convolution.default", "aten.mm.default")]
+
+    assert precisions() == ["tf32", "fp32", "bf16"]
+    default = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        with torch.backends.cudnn.flags(allow_tf32=False):
+            assert precisions() == ["fp32", "tf32", "bf16"]
+    finally:
+        torch.set_float32_matmul_precision(default)
+
+    h200 = for_device("cuda", "NVIDIA H200", executor="compiled")
+    priced = {}
+    for op in ("aten.convolution.default", "aten.mm.default"):
+        for precision in ("fp32", "tf32", "bf16"):
+            node = Node("n", Phase.FORWARD, (), (), op=op, flops=10**13, precision=precision)
+            priced[op, precision] = h200.node_time_s(node)
+    rates = h200.rates
+    assert priced["aten.mm.default", "fp32"] == pytest.approx(
+        rates.launch_s + 10**13 / rates.flops_per_s["fp32"])
+    assert priced["aten.mm.default", "fp32"] > priced["aten.convolution.default", "tf32"] \
+        > priced["aten.mm.default", "tf32"] > priced["aten.mm.default", "bf16"]
+    assert priced["aten.convolution.default", "fp32"] == priced["aten.mm.default", "fp32"]
+    assert priced["aten.convolution.default", "bf16"] == priced["aten.mm.default", "bf16"]
+    assert for_device("cpu").node_time_s(node) == for_device("cpu").node_time_s(
+        Node("n", Phase.FORWARD, (), (), op="aten.mm.default", flops=10**13, precision="fp32"))
+
+
+class ConvChain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x) * 2 + 1))
+
+
+def test_compiled_pointwise_ops_move_only_what_enters_and_leaves_their_fusion():
+    """Compiled, ``a(x) * 2 + 1`` and its ReLU are one kernel: it reads the convolution's output
+    and writes the ReLU's, which the next convolution and the backward read; the sum in between
+    moves nothing. Replayed in CUDA graphs, each op is its own kernel."""
+    model, x = ConvChain(), torch.randn(4, 8, 16, 16)
+    graph = memplan.optimize(model, "100%", example_inputs=(x,), method="none")._result().graph
+    compiled = for_device("cuda", "NVIDIA H200", executor="compiled")
+    times = compiled.times(graph)
+    nbytes = {n.name: sum(graph.storages[s].nbytes for s in graph.allocates[n.name]) for n in graph.nodes}
+    bandwidth = compiled.rates.bytes_per_s
+    assert times["mul"] == pytest.approx(nbytes["convolution"] / bandwidth)
+    assert times["add"] == 0.0
+    assert times["relu"] == pytest.approx(nbytes["relu"] / bandwidth)
+    assert times["convolution"] > compiled.rates.launch_s  # not pointwise: its own kernel
+    replayed = for_device("cuda", "NVIDIA H200", executor="cuda_graphs")
+    assert replayed.times(graph)["add"] == replayed.node_time_s(graph["add"]) > replayed.rates.launch_s
+
+
 @pytest.fixture
 def timed_calls(monkeypatch, tmp_path):
     monkeypatch.setenv("MEMPLAN_CACHE_DIR", str(tmp_path))
@@ -103,6 +177,15 @@ def test_profiling_draws_nothing_from_the_callers_rng(timed_calls):
                      cost_model="profile")
     assert any("dropout" in name or "rand" in name for name in timed_calls)
     assert torch.equal(rng, torch.get_rng_state())
+
+
+def test_profile_cache_is_kept_per_math_mode():
+    """A float32 convolution timed with TF32 on costs less than in full fp32."""
+    cpu = torch.device("cpu")
+    with torch.backends.cudnn.flags(allow_tf32=True):
+        tf32 = profile.device_label(cpu)
+    with torch.backends.cudnn.flags(allow_tf32=False):
+        assert profile.device_label(cpu) != tf32
 
 
 def test_unknown_cost_model_lists_the_known_ones():

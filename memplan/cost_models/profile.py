@@ -34,8 +34,12 @@ def default_cache_path() -> Path:
 
 
 def device_label(device: torch.device) -> str:
+    """The device, torch's version and the math modes: TF32 changes what a float32 matrix
+    product or convolution costs."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return f"{name} | torch {torch.__version__}"
+    math = (f"matmul TF32 {torch.backends.cuda.matmul.allow_tf32}, "
+            f"cuDNN TF32 {torch.backends.cudnn.allow_tf32}")
+    return f"{name} | torch {torch.__version__} | {math}"
 
 
 class OpTimeCache:
