@@ -188,6 +188,22 @@ def test_profile_cache_is_kept_per_math_mode():
         assert profile.device_label(cpu) != tf32
 
 
+def test_fused_attention_backwards_keep_their_analytic_price(monkeypatch, tmp_path):
+    """Run on made-up generator seeds, the efficient attention's backward crashed the process on
+    an H200: it is never timed, while other ops are."""
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    attention = graph.call_function(
+        torch.ops.aten._scaled_dot_product_efficient_attention_backward.default, (x,))
+    relu = graph.call_function(torch.ops.aten.relu.default, (x,))
+    monkeypatch.setattr(profile, "time_call", lambda node, device: 1.0)
+    times: dict[str, float] = {}
+    cache = profile.OpTimeCache(tmp_path / "op_times.json")
+    for node in (attention, relu):
+        profile._time_node(node, torch.device("cpu"), cache, times)
+    assert times == {relu.name: 1.0}
+
+
 def test_unknown_cost_model_lists_the_known_ones():
     case = build("mlp")
     with pytest.raises(ValueError, match="analytic.*profile"):
