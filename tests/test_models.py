@@ -62,7 +62,7 @@ def test_planned_step_equals_eager(name, budget):
 
 # At 100% the chain DP keeps everything; 80% makes it recompute. No schedule lowers the peak of
 # views_in_place, so the DP runs on Llama instead.
-METHOD_CASES = [(name, method) for method in ("none", "sqrt", "chen-greedy", "log")
+METHOD_CASES = [(name, method) for method in ("none", "sqrt", "chen-greedy", "log", "pointwise")
                 for name in ("mlp", "gpt2", "preact_resnet29", "nested_io", "views_in_place")]
 METHOD_CASES += [(name, method) for method in ("chain-dp", "cpsat")
                  for name in ("mlp", "gpt2", "preact_resnet29", "nested_io", "llama")]
@@ -72,7 +72,10 @@ METHOD_CASES += [(name, method) for method in ("chain-dp", "cpsat")
 def test_each_method_is_exact(name, method):
     case = build(name)
     eager = eager_twin(case)
-    plan = optimize(case, "80%" if method in ("chain-dp", "cpsat") else "100%", method=method)
+    # pointwise's recomputed residual streams can peak above keeping everything (in eager,
+    # BatchNorm is one op, so only ReLUs and residual sums are recomputed)
+    budget = "80%" if method in ("chain-dp", "cpsat") else "1TB" if method == "pointwise" else "100%"
+    plan = optimize(case, budget, method=method)
     assert plan.method == method
     if method != "none":  # the schedule really recomputes, so exactness is tested under it
         assert plan.program.recomputed

@@ -13,7 +13,7 @@ from dataclasses import replace
 from typing import Callable
 
 from memplan.graph import JointGraph
-from memplan.solvers import chain_dp, chen_greedy, cpsat, log, none, sqrt
+from memplan.solvers import chain_dp, chen_greedy, cpsat, log, none, pointwise, sqrt
 from memplan.solvers.base import SolverConfig, StepSchedule
 
 logger = logging.getLogger(__name__)
@@ -26,6 +26,7 @@ FAST_SOLVERS: dict[str, Solver] = {
     "chen-greedy": chen_greedy.solve,
     "log": log.solve,
     "chain-dp": chain_dp.solve,
+    "pointwise": pointwise.solve,
 }
 
 
