@@ -7,11 +7,12 @@ compiled, and they measure one at a time (a lock file in ``--sync``), so that no
 shares the host with a compile.
 
     python bench/diag/compiled_time.py densenet100 CONFIG [--parties N --sync DIR] [--out DIR]
-                                       [--check [--no-tf32] [--no-cudnn]]
+                                       [--check [--no-tf32] [--no-cudnn]] [--channels-last]
 
 CONFIG is ``eager``, ``torch.compile[:BUDGET]`` (activation_memory_budget, default 1.0),
-``memplan:BUDGET`` (memplan eager) or ``compiled:BUDGET[:OPS]`` (memplan compiled; BUDGET may be
-``none`` for method="none", OPS is ops per segment or ``whole``). ``--out`` receives the
+``memplan:BUDGET`` (memplan eager), ``compiled:BUDGET[:OPS[:METHOD]]`` (memplan compiled; BUDGET may
+be ``none`` for method="none", OPS is ops per segment or ``whole``) or ``graphed:...`` (the same,
+replayed as CUDA graphs). ``--out`` receives the
 kernels' names, times and counts as JSON, for comparing two configurations. ``--check``
 first runs one step of the model in eager PyTorch and one of the configuration from the same
 random state, and prints how far the loss and gradients differ (dropout masks drawn otherwise
@@ -49,13 +50,15 @@ def build(config: str, model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.n
         torch._functorch.config.activation_memory_budget = float(rest or 1.0)
         return torch.compile(model), {}
     budget, _, ops = rest.partition(":")
+    ops, _, method = ops.partition(":")
     if ops:
         memplan.inductor.OPS_PER_SEGMENT = 10**9 if ops == "whole" else int(ops)
-    options = dict(method="none") if budget == "none" else {}
+    options = dict(method=method) if method else dict(method="none") if budget == "none" else {}
+    compile, cuda_graphs = kind in ("compiled", "graphed"), kind == "graphed"
     if budget == "minimum":
-        budget = core.least_budget(model, x, compile=kind == "compiled")
+        budget = core.least_budget(model, x, compile=compile)
     plan = memplan.optimize(model, "1TB" if budget == "none" else budget, example_inputs=(x,),
-                            compile=kind == "compiled", **options)
+                            compile=compile, cuda_graphs=cuda_graphs, **options)
     chosen = plan._result().chosen
     return plan.module, dict(method=plan.method, predicted_gib=plan.predicted_peak_bytes / 2**30,
                              budget_gib=plan.budget_bytes / 2**30,
@@ -113,6 +116,8 @@ def main() -> None:
     parser.add_argument("--check", action="store_true")
     parser.add_argument("--no-tf32", action="store_true",
                         help="convolutions and matmuls in full fp32 (cuDNN's default is TF32)")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="the model and its input in channels-last memory format")
     parser.add_argument("--no-cudnn", action="store_true",
                         help="ATen's kernels where eager PyTorch would call cuDNN")
     args = parser.parse_args()
@@ -123,11 +128,15 @@ def main() -> None:
     _title, make, _checkpointed, inputs = gpu.MODELS[args.model]
     torch.manual_seed(0)
     model, x = make().cuda(), inputs()
+    if args.channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
     start = time.perf_counter()
     try:
         module, facts = build(args.config, model, x)
         if module is not model:
-            core.step(module, x)  # compiles the backward
+            torch.cuda.reset_peak_memory_stats()
+            core.step(module, x)  # compiles the backward; CUDA graphs are captured
+            facts["first_step_peak"] = torch.cuda.max_memory_allocated()
         facts["plan_compile_s"] = round(time.perf_counter() - start, 1)
     finally:  # a process that failed must not keep the others waiting
         args.sync.mkdir(parents=True, exist_ok=True)
@@ -137,6 +146,8 @@ def main() -> None:
     if args.check:
         facts["check"] = check_against_eager(model, module, x)
     peak, ms = core.measure(module, x, repeats=10)
+    if args.config.startswith("graphed"):  # replays allocate nothing: the capture's peak counts
+        peak = max(peak, facts["first_step_peak"])
     by_name, _host = kernels(module, x)
     kernel_ms = sum(map(sum, by_name.values())) / 1e3
     launches = sum(map(len, by_name.values()))
