@@ -26,7 +26,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.flop_counter import flop_registry
 
-from memplan.cost_models.analytic import CONVOLUTIONS
+from memplan.cost_models.analytic import CONVOLUTIONS, allows_tf32
 from memplan.cost_models.workspace import measure_workspaces
 from memplan.errors import CaptureError
 from memplan.executor import boxed
@@ -188,17 +188,16 @@ def _flops(node: fx.Node) -> int:
 
 def _precision(node: fx.Node) -> str:
     """The math a FLOP-counted op runs in: float32 matrix products and convolutions on CUDA run
-    in TF32 where torch's flags allow it (cuDNN's by default, cuBLAS's by
-    ``torch.set_float32_matmul_precision``), as the step will."""
+    in TF32 where torch's settings allow it (cuDNN's by default, cuBLAS's by
+    ``torch.set_float32_matmul_precision("high")``), as the step will."""
     tensors = _tensors(node.meta.get("val"))
     if not tensors:
         return ""
     dtype = tensors[0].dtype
     if dtype == torch.float32 and tensors[0].device.type == "cuda":
-        tf32 = (torch.backends.cudnn.allow_tf32 if op_name(node.target).startswith(CONVOLUTIONS)
-                else torch.backends.cuda.matmul.allow_tf32)
-        return "tf32" if tf32 else "fp32"
-    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+        return "tf32" if allows_tf32(op_name(node.target).startswith(CONVOLUTIONS)) else "fp32"
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(
+        dtype, str(dtype).removeprefix("torch."))
 
 
 def _covers_storage(tensor: torch.Tensor) -> bool:

@@ -95,6 +95,14 @@ def test_float32_products_are_priced_in_the_math_cuda_runs_them_in():
             assert precisions() == ["fp32", "tf32", "bf16"]
     finally:
         torch.set_float32_matmul_precision(default)
+    # torch's newer settings: reading a legacy flag would raise once they are set
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    settings = matmul.fp32_precision, conv.fp32_precision
+    matmul.fp32_precision, conv.fp32_precision = "tf32", "ieee"
+    try:
+        assert precisions() == ["fp32", "tf32", "bf16"]
+    finally:
+        matmul.fp32_precision, conv.fp32_precision = settings
 
     h200 = for_device("cuda", "NVIDIA H200", executor="compiled")
     priced = {}
@@ -109,7 +117,9 @@ def test_float32_products_are_priced_in_the_math_cuda_runs_them_in():
         > priced["aten.mm.default", "tf32"] > priced["aten.mm.default", "bf16"]
     assert priced["aten.convolution.default", "fp32"] == priced["aten.mm.default", "fp32"]
     assert priced["aten.convolution.default", "bf16"] == priced["aten.mm.default", "bf16"]
-    assert for_device("cpu").node_time_s(node) == for_device("cpu").node_time_s(
+    cpu = for_device("cpu")  # one rate: every precision at fp32's
+    assert cpu.node_time_s(Node("n", Phase.FORWARD, (), (), op="aten.mm.default", flops=10**13,
+                                precision="bf16")) == cpu.node_time_s(
         Node("n", Phase.FORWARD, (), (), op="aten.mm.default", flops=10**13, precision="fp32"))
 
 
@@ -138,6 +148,47 @@ def test_compiled_pointwise_ops_move_only_what_enters_and_leaves_their_fusion():
     assert times["convolution"] > compiled.rates.launch_s  # not pointwise: its own kernel
     replayed = for_device("cuda", "NVIDIA H200", executor="cuda_graphs")
     assert replayed.times(graph)["add"] == replayed.node_time_s(graph["add"]) > replayed.rates.launch_s
+
+
+class Fusions(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4 * 6 * 6, 2)
+
+    def forward(self, x):
+        doubled = self.conv(x) * 2  # read by pointwise ops only: inside their fusions
+        return self.fc((doubled + 1).flatten(1)), doubled.relu()
+
+
+def test_values_a_fusion_writes_are_those_other_kernels_or_the_caller_read():
+    """A pointwise value read through a view by a product, or returned, is written to memory;
+    one only pointwise ops of its phase read is not."""
+    from memplan.cost_models.analytic import _materialised
+
+    model, x = Fusions(), torch.randn(2, 3, 8, 8)
+    graph = memplan.optimize(model, "100%", example_inputs=(x,), method="none")._result().graph
+    materialised = _materialised(graph)
+    assert {"convolution", "add", "relu"} <= materialised
+    assert "mul" not in materialised
+
+
+def test_profiled_times_leave_compiled_pointwise_ops_their_fused_price(monkeypatch):
+    """An op timed alone pays its own launch and memory traffic; compiled, a pointwise one runs
+    inside a fusion, so the profile model's time replaces only the others'."""
+    import memplan.cost_models as cost_models
+
+    model, x = Fusions(), torch.randn(2, 3, 8, 8)
+    graph = memplan.optimize(model, "100%", example_inputs=(x,), method="none")._result().graph
+    monkeypatch.setattr(cost_models, "profile_times",
+                        lambda joint, device, cache: {n.name: 1.0 for n in graph.nodes})
+    cpu = torch.device("cpu")
+    fused = for_device("cpu", executor="compiled").times(graph)
+    for executor in ("compiled", "eager"):
+        times = cost_models.node_times("profile", graph, None, cpu, executor=executor)
+        pointwise = {n.name for n in graph.nodes if n.pointwise}
+        assert pointwise and all(times[name] == (fused[name] if executor == "compiled" else 1.0)
+                                 for name in pointwise)
+        assert times["convolution"] == 1.0
 
 
 @pytest.fixture
@@ -180,21 +231,28 @@ def test_profiling_draws_nothing_from_the_callers_rng(timed_calls):
 
 
 def test_profile_cache_is_kept_per_math_mode():
-    """A float32 convolution timed with TF32 on costs less than in full fp32."""
+    """Times measured with TF32 on are not reused with it off, for convolutions or products."""
     cpu = torch.device("cpu")
-    with torch.backends.cudnn.flags(allow_tf32=True):
-        tf32 = profile.device_label(cpu)
-    with torch.backends.cudnn.flags(allow_tf32=False):
-        assert profile.device_label(cpu) != tf32
+    labels = set()
+    default = torch.get_float32_matmul_precision()
+    try:
+        for matmul in ("highest", "high"):
+            torch.set_float32_matmul_precision(matmul)
+            for tf32 in (True, False):
+                with torch.backends.cudnn.flags(allow_tf32=tf32):
+                    labels.add(profile.device_label(cpu))
+    finally:
+        torch.set_float32_matmul_precision(default)
+    assert len(labels) == 4
 
 
-def test_fused_attention_backwards_keep_their_analytic_price(monkeypatch, tmp_path):
+@pytest.mark.parametrize("name", profile._NOT_TIMED)
+def test_fused_attention_backwards_keep_their_analytic_price(monkeypatch, tmp_path, name):
     """Run on made-up generator seeds, the efficient attention's backward crashed the process on
-    an H200: it is never timed, while other ops are."""
+    an H200: fused attention backwards are never timed, while other ops are."""
     graph = torch.fx.Graph()
     x = graph.placeholder("x")
-    attention = graph.call_function(
-        torch.ops.aten._scaled_dot_product_efficient_attention_backward.default, (x,))
+    attention = graph.call_function(getattr(torch.ops.aten, name.split(".")[1]).default, (x,))
     relu = graph.call_function(torch.ops.aten.relu.default, (x,))
     monkeypatch.setattr(profile, "time_call", lambda node, device: 1.0)
     times: dict[str, float] = {}

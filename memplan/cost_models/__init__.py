@@ -28,7 +28,10 @@ def node_times(name: str, graph: JointGraph, joint: torch.fx.GraphModule,
     """Seconds per node of ``graph`` under the named cost model, for the executor that runs
     the plan (``for_device``)."""
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    times = for_device(device.type, device_name, executor=executor).times(graph)
-    if name == "profile":
-        times.update(profile_times(joint, device, OpTimeCache(default_cache_path())))
+    model = for_device(device.type, device_name, executor=executor)
+    times = model.times(graph)
+    if name == "profile":  # ops timed alone; pointwise ones keep their fused price where fused
+        measured = profile_times(joint, device, OpTimeCache(default_cache_path()))
+        times.update((node, seconds) for node, seconds in measured.items()
+                     if not (model.fuses_pointwise and graph[node].pointwise))
     return times

@@ -14,7 +14,10 @@ neighbours' kernels, so such an op is priced by what it reads from and writes to
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from types import MappingProxyType
 from typing import Iterator, Mapping
+
+import torch
 
 from memplan.graph import JointGraph, Node
 
@@ -37,13 +40,23 @@ class DeviceRates:
 
 CONVOLUTIONS = ("aten.convolution.", "aten.convolution_backward.")
 
+
+def allows_tf32(convolution: bool) -> bool:
+    """Whether float32 convolutions (cuDNN) or matrix products (cuBLAS) may run in TF32. Read
+    from ``fp32_precision``, which the legacy ``allow_tf32`` flags also set: reading a legacy
+    flag raises once the new API has set it."""
+    backend = torch.backends.cudnn.conv if convolution else torch.backends.cuda.matmul
+    return backend.fp32_precision == "tf32"
+
 # flops_per_s, on the lent H200 (bench/results/math_rates_h200.md): fp32 51 TFLOP/s, what both an
 # 8192³ product and GPT-2 medium's products reach; TF32 246, GPT-2 medium's products (an 8192³
-# product reaches 401); bf16 785, an 8192³ product (no model measured); fp16 assumed equal to
-# bf16. Fused attention is priced at the products' rate: in TF32 GPT-2 medium's reached 115.
+# product reaches 401, so real shapes may reach less than the bf16 figure too); bf16 785, an
+# 8192³ product (no model measured); fp16 assumed equal to bf16. Fused attention is priced at
+# the products' rate: in TF32 GPT-2 medium's reached 115.
 # convolution_flops_per_s["tf32"]: the FLOPs of ResNet-50's (NCHW and channels-last) and
 # VGG19's convolutions and their backwards over their measured time: 148 TFLOP/s, where the
-# three sets reach 97, 131 and 172. Convolutions in full fp32 take the products' fp32 rate.
+# three sets reach 97, 131 and 172. Convolutions in other precisions take the products' rate:
+# in full fp32 that priced ResNet-50's compiled step 39% under its kernel time.
 # The H100's rates are assumed the same.
 # dispatch_s: the eager executor's host time per op on the lent H200's host, fitted to the least
 # of interleaved step times of DenseNet-BC-100, ResNet-164 and GPT-2 medium plans
@@ -55,8 +68,8 @@ CONVOLUTIONS = ("aten.convolution.", "aten.convolution_backward.")
 # µs per op more than launch and roofline: an op launches more than one kernel (BatchNorm's
 # statistics and normalisation), and small kernels ramp up and drain
 # (bench/results/cuda_graphs_h200.md, "Replay time"). The H100's is assumed the same.
-_H200_FLOPS = {"fp32": 51e12, "tf32": 246e12, "bf16": 785e12, "fp16": 785e12}
-_H200_CONVOLUTION_FLOPS = {"tf32": 148e12}
+_H200_FLOPS = MappingProxyType({"fp32": 51e12, "tf32": 246e12, "bf16": 785e12, "fp16": 785e12})
+_H200_CONVOLUTION_FLOPS = MappingProxyType({"tf32": 148e12})
 DEVICES = {
     "h100": DeviceRates(flops_per_s=_H200_FLOPS, convolution_flops_per_s=_H200_CONVOLUTION_FLOPS,
                         bytes_per_s=3.0e12, launch_s=5e-6, dispatch_s=40e-6,
@@ -64,7 +77,7 @@ DEVICES = {
     "h200": DeviceRates(flops_per_s=_H200_FLOPS, convolution_flops_per_s=_H200_CONVOLUTION_FLOPS,
                         bytes_per_s=4.3e12, launch_s=5e-6, dispatch_s=40e-6,
                         host_link_bytes_per_s=55e9, replayed_op_s=5.5e-6),
-    "cpu": DeviceRates(flops_per_s={"fp32": 100e9}, bytes_per_s=20e9, launch_s=2e-6),
+    "cpu": DeviceRates(flops_per_s=MappingProxyType({"fp32": 100e9}), bytes_per_s=20e9, launch_s=2e-6),
 }
 
 _FREE_OPS = ("getitem", "aten.t.", "aten.view.", "aten.detach.", "aten.expand.",
@@ -78,6 +91,8 @@ class AnalyticCostModel:
     fuses_pointwise: bool = False  # compiled graphs: pointwise ops run inside their neighbours' kernels
 
     def node_time_s(self, node: Node) -> float:
+        """The op as a kernel of its own; ``times`` prices pointwise ops fused where the model
+        fuses them."""
         if not node.op or node.op.startswith(_FREE_OPS):
             return 0.0
         device_s = self.rates.launch_s + max(node.flops / self.rates.flop_rate(node),

@@ -20,6 +20,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import _disable_current_modes
 
+from memplan.cost_models.analytic import allows_tf32
 from memplan.cost_models.workspace import call_key, real_argument
 from memplan.passes.dropout import sets_generator_state
 
@@ -37,8 +38,7 @@ def device_label(device: torch.device) -> str:
     """The device, torch's version and the math modes: TF32 changes what a float32 matrix
     product or convolution costs."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    math = (f"matmul TF32 {torch.backends.cuda.matmul.allow_tf32}, "
-            f"cuDNN TF32 {torch.backends.cudnn.allow_tf32}")
+    math = f"matmul TF32 {allows_tf32(convolution=False)}, cuDNN TF32 {allows_tf32(convolution=True)}"
     return f"{name} | torch {torch.__version__} | {math}"
 
 
@@ -107,6 +107,7 @@ def profile_times(joint: fx.GraphModule, device: torch.device, cache: OpTimeCach
 # They keep their analytic price.
 _NOT_TIMED = ("aten._scaled_dot_product_efficient_attention_backward.",
               "aten._scaled_dot_product_flash_attention_backward.",
+              "aten._scaled_dot_product_cudnn_attention_backward.",
               "aten._efficient_attention_backward.", "aten._flash_attention_backward.")
 
 
