@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Iterable
 
 import networkx as nx
 
@@ -83,8 +84,56 @@ class JointGraph:
     def index(self) -> dict[str, int]:
         return {node.name: i for i, node in enumerate(self.nodes)}
 
+    @cached_property
+    def by_name(self) -> dict[str, Node]:
+        """``graph[name]`` as a dict, for loops over every node of every candidate program."""
+        return {node.name: node for node in self.nodes}
+
     def __getitem__(self, name: str) -> Node:
-        return self.nodes[self.index[name]]
+        return self.by_name[name]
+
+    @cached_property
+    def forward_names(self) -> frozenset[str]:
+        return frozenset(node.name for node in self.nodes if node.phase is Phase.FORWARD)
+
+    @cached_property
+    def needed_by_outputs(self) -> frozenset[str]:
+        """The forward outputs, the forward's in-place writes (buffer updates), and every node
+        they read, directly or not: what any forward pass computes, whatever it saves."""
+        return self.ancestors([*self.forward_outputs,
+                               *(n.name for n in self.nodes_of(Phase.FORWARD) if n.mutates)])
+
+    def ancestors(self, names: Iterable[str], known: frozenset[str] = frozenset()) -> frozenset[str]:
+        """``names``, and every node they read, directly or not, together with ``known``: a set
+        closed under reading (what a node in it reads is in it), where the walk stops."""
+        found = set(known)
+        stack = [name for name in names if name not in found]
+        while stack:
+            name = stack.pop()
+            if name in found:
+                continue
+            found.add(name)
+            stack.extend(self.by_name[name].inputs)
+        return frozenset(found)
+
+    @cached_property
+    def read_by_backward(self) -> frozenset[str]:
+        """The forward values and primals that the backward nodes computing the gradients read,
+        or that are gradients themselves: where every saved set is decided."""
+        read: set[str] = set()
+        seen: set[str] = set()
+        stack = list(self.backward_outputs)
+        while stack:
+            name = stack.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            node = self.by_name[name]
+            if node.phase is Phase.BACKWARD:
+                stack.extend(node.inputs)
+            elif node.phase is not Phase.TANGENT:
+                read.add(name)
+        return frozenset(read)
 
     @cached_property
     def users(self) -> dict[str, tuple[str, ...]]:
@@ -105,8 +154,12 @@ class JointGraph:
             out[node.name] = new
         return out
 
-    def nodes_of(self, phase: Phase) -> list[Node]:
-        return [node for node in self.nodes if node.phase is phase]
+    def nodes_of(self, phase: Phase) -> tuple[Node, ...]:
+        return self._by_phase[phase]
+
+    @cached_property
+    def _by_phase(self) -> dict[Phase, tuple[Node, ...]]:
+        return {phase: tuple(node for node in self.nodes if node.phase is phase) for phase in Phase}
 
     @cached_property
     def resident_bytes(self) -> int:

@@ -26,13 +26,22 @@ _FORWARD, _TANGENT, _RESIDENT, _FETCHED = -1, -2, -3, -4
 class Timeline:
     peak_bytes: int
     peak_step: int  # index into ``steps``
-    steps: tuple[str, ...]  # "forward:<node>" / "backward:<node>", in execution order
+    program: Program  # what was simulated: one step per node of its forward, then its backward
     live_bytes: tuple[int, ...]  # at each step, while the node's output is being written
     peak_breakdown: dict[str, int] = field(default_factory=dict)  # category -> bytes at the peak
 
     @property
+    def steps(self) -> tuple[str, ...]:
+        """"forward:<node>" / "backward:<node>", in execution order."""
+        return (tuple(f"forward:{name}" for name in self.program.forward)
+                + tuple(f"backward:{name}" for name in self.program.backward))
+
+    @property
     def peak_node(self) -> str:
-        return self.steps[self.peak_step]
+        forward = self.program.forward
+        if self.peak_step < len(forward):
+            return f"forward:{forward[self.peak_step]}"
+        return f"backward:{self.program.backward[self.peak_step - len(forward)]}"
 
 
 class _Ledger:
@@ -76,10 +85,14 @@ class _Ledger:
 
 def _keys(graph: JointGraph, name: str, instance: int, input_keys: list[tuple[_Key, ...]]) -> tuple[_Key, ...]:
     """Storage instances a node's value refers to: its own new ones, else those of its inputs."""
-    own = set(graph.allocates[name])
+    storages = graph.by_name[name].storages
+    own = graph.allocates[name]
+    if own == storages:  # a value of its own storages (most nodes): no input's to look up
+        return tuple((s, instance) for s in storages)
+    own = set(own)
     inherited = {key[0]: key for keys in input_keys for key in keys}
     out = []
-    for s in graph[name].storages:
+    for s in storages:
         if s in own:
             out.append((s, instance))
         else:
@@ -97,23 +110,37 @@ def forward_end_bytes(graph: JointGraph, program: Program) -> int:
     return graph.resident_bytes + sum(graph.storages[s].nbytes for s in held)
 
 
-def simulate(graph: JointGraph, program: Program) -> Timeline:
+class _OverLimit(Exception):
+    pass
+
+
+def simulate(graph: JointGraph, program: Program, *, limit_bytes: int | None = None) -> Timeline | None:
+    """The program's timeline; with ``limit_bytes``, None as soon as a step goes above it, which
+    spares simulating the rest of a program that cannot fit."""
+    try:
+        return _simulate(graph, program, limit_bytes)
+    except _OverLimit:
+        return None
+
+
+def _simulate(graph: JointGraph, program: Program, limit_bytes: int | None) -> Timeline:
     ledger = _Ledger(graph)
-    steps: list[str] = []
+    nodes = graph.by_name
     live: list[int] = []
     best = (-1, 0, {})
 
-    def record(label: str, workspace_bytes: int = 0) -> None:
+    def record(workspace_bytes: int) -> None:
         nonlocal best
         total = ledger.total + workspace_bytes
-        steps.append(label)
         live.append(total)
+        if limit_bytes is not None and total > limit_bytes:
+            raise _OverLimit
         if total > best[0]:
             breakdown = {c.value: b for c, b in ledger.by_category.items() if b}
             for name, nbytes in (("workspace", workspace_bytes), ("other", graph.ambient_bytes)):
                 if nbytes:
                     breakdown[name] = nbytes
-            best = (total, len(steps) - 1, breakdown)
+            best = (total, len(live) - 1, breakdown)
 
     resident_keys = {}
     for node in graph.nodes_of(Phase.PRIMAL):
@@ -124,7 +151,7 @@ def simulate(graph: JointGraph, program: Program) -> Timeline:
     position = {name: i for i, name in enumerate(program.forward)}
     last_use = dict(position)
     for name in program.forward:
-        for src in graph[name].inputs:
+        for src in nodes[name].inputs:
             if src in position:
                 last_use[src] = max(last_use[src], position[name])
     for transfer in program.offloaded:
@@ -136,20 +163,20 @@ def simulate(graph: JointGraph, program: Program) -> Timeline:
         if name not in handed_on:
             dying.setdefault(step, []).append(name)
     for i, name in enumerate(program.forward):
-        inputs = [fw_keys.get(src) or resident_keys.get(src, ()) for src in graph[name].inputs]
+        inputs = [fw_keys.get(src) or resident_keys.get(src, ()) for src in nodes[name].inputs]
         for s in graph.allocates[name]:
             ledger.allocate((s, _FORWARD))
         keys = _keys(graph, name, _FORWARD, inputs)
         ledger.hold(keys)
         fw_keys[name] = keys
-        record(f"forward:{name}", graph[name].workspace_bytes)
+        record(nodes[name].workspace_bytes)
         for dead in dying.get(i, ()):
             ledger.release(fw_keys[dead])
     # Backward: placeholders are the saved values and the tangents; a name may be recomputed
     # more than once, and every use reads its latest instance.
     placeholder_keys = {name: fw_keys.get(name) or resident_keys[name] for name in program.saved}
     for name in offloaded:  # a new device copy, allocated when it is fetched
-        placeholder_keys[name] = tuple((s, _FETCHED) for s in graph[name].storages)
+        placeholder_keys[name] = tuple((s, _FETCHED) for s in nodes[name].storages)
     fetches: dict[int, list[str]] = {}
     for transfer in program.offloaded:
         fetches.setdefault(transfer.fetch_after + 1, []).append(transfer.name)
@@ -173,7 +200,7 @@ def simulate(graph: JointGraph, program: Program) -> Timeline:
     binding: list[list[tuple[str, int]]] = []  # per step: (input name, instance step or -1)
     latest: dict[str, int] = {}
     for j, name in enumerate(program.backward):
-        binding.append([(src, latest.get(src, -1)) for src in graph[name].inputs])
+        binding.append([(src, latest.get(src, -1)) for src in nodes[name].inputs])
         latest[name] = j
     last_bind: dict[tuple[str, int], int] = {}
     for j, inputs in enumerate(binding):
@@ -201,10 +228,10 @@ def simulate(graph: JointGraph, program: Program) -> Timeline:
         keys = _keys(graph, name, j, inputs)
         ledger.hold(keys)
         bw_keys[(name, j)] = keys
-        record(f"backward:{name}", graph[name].workspace_bytes)
+        record(nodes[name].workspace_bytes)
         for ref in bw_dying.get(j, ()):
             ledger.release(bw_keys[ref] if ref[1] >= 0 else placeholder_keys[ref[0]])
 
     peak, step, breakdown = best if best[0] >= 0 else (ledger.total, 0, {})
-    return Timeline(peak_bytes=peak, peak_step=step, steps=tuple(steps), live_bytes=tuple(live),
+    return Timeline(peak_bytes=peak, peak_step=step, program=program, live_bytes=tuple(live),
                     peak_breakdown=breakdown)

@@ -66,25 +66,23 @@ def must_save(graph: JointGraph, node: Node) -> bool:
 def complete_saved_set(graph: JointGraph, keep: Iterable[str]) -> tuple[frozenset[str], list[str]]:
     """Steps 1 and 2: the saved set backward really receives, and what it recomputes."""
     keep = set(keep)
+    nodes = graph.by_name
     saved: set[str] = set()
     recompute: set[str] = set()
-    stack = [name for name in graph.backward_outputs]
+    stack = list(graph.read_by_backward)  # the backward nodes read these whatever is kept
     seen: set[str] = set()
     while stack:
         name = stack.pop()
         if name in seen:
             continue
         seen.add(name)
-        node = graph[name]
-        if node.phase is Phase.TANGENT:
-            continue
+        node = nodes[name]
         if node.phase is Phase.PRIMAL or (node.phase is Phase.FORWARD and (
                 name in keep or must_save(graph, node))):
             saved.add(name)
-            continue
-        if node.phase is Phase.FORWARD:
+        elif node.phase is Phase.FORWARD:
             recompute.add(name)
-        stack.extend(node.inputs)
+            stack.extend(node.inputs)
     index = graph.index
     return frozenset(saved), sorted(recompute, key=index.__getitem__)
 
@@ -92,26 +90,18 @@ def complete_saved_set(graph: JointGraph, keep: Iterable[str]) -> tuple[frozense
 def forward_order(graph: JointGraph, saved: frozenset[str]) -> tuple[str, ...]:
     """Step 3: ancestors of the forward outputs, the saved values and the in-place writes
     (buffer updates kept in the graph), in joint order."""
-    needed: set[str] = set()
-    writes = [n.name for n in graph.nodes_of(Phase.FORWARD) if n.mutates]
-    stack = list(graph.forward_outputs) + list(saved) + writes
-    while stack:
-        name = stack.pop()
-        if name in needed:
-            continue
-        needed.add(name)
-        stack.extend(graph[name].inputs)
-    return tuple(n.name for n in graph.nodes
-                 if n.name in needed and n.phase is Phase.FORWARD)
+    needed = graph.ancestors(saved, known=graph.needed_by_outputs)
+    return tuple(n.name for n in graph.nodes_of(Phase.FORWARD) if n.name in needed)
 
 
 def backward_order(graph: JointGraph, saved: frozenset[str]) -> tuple[str, ...]:
     """Step 4: the backward nodes, each preceded by what it needs, in joint order."""
+    nodes = graph.by_name
     needed: set[str] = set()
     stack = list(graph.backward_outputs)
     while stack:
         name = stack.pop()
-        node = graph[name]
+        node = nodes[name]
         if name in needed or name in saved or node.phase in (Phase.PRIMAL, Phase.TANGENT):
             continue
         needed.add(name)
@@ -124,6 +114,8 @@ def backward_order(graph: JointGraph, saved: frozenset[str]) -> tuple[str, ...]:
     done: set[str] = set()
 
     def insert(name: str) -> None:
+        if name in done:
+            return
         pending: set[str] = set()
         frontier = [name]
         while frontier:
@@ -131,7 +123,7 @@ def backward_order(graph: JointGraph, saved: frozenset[str]) -> tuple[str, ...]:
             if current in done or current in pending or current not in needed:
                 continue
             pending.add(current)
-            frontier.extend(graph[current].inputs)
+            frontier.extend(nodes[current].inputs)
         for current in sorted(pending, key=index.__getitem__):
             order.append(current)
             done.add(current)

@@ -162,14 +162,15 @@ def test_at_the_unplanned_peak_nothing_is_recomputed(name):
 
 
 @pytest.mark.parametrize("name", ["preact_resnet29", "densenet40"])
-def test_skipping_programs_whose_forward_ends_over_budget_changes_no_schedule(name, monkeypatch):
-    """``evaluate_all`` simulates a program whose forward alone ends above the budget only if
-    nothing else fits. That bytes count is a lower bound of the simulated peak, so the fast
-    solvers choose what they chose when every program was simulated, at budgets from ample to
+def test_skipping_programs_that_cannot_fit_changes_no_schedule(name, monkeypatch):
+    """``evaluate_all`` does not simulate a program whose forward alone ends above the budget,
+    nor the rest of one once a step goes above it, unless nothing fits; chen-greedy simulates
+    its candidates cheapest first and stops at the first that fits. The fast solvers choose
+    what they chose when every candidate was simulated whole, at budgets from ample to
     infeasible, and name the same smallest peak when none fits."""
     import memplan.solvers.base as base
     from memplan.liveness import forward_end_bytes, simulate
-    from memplan.solvers import SolverConfig, solve_auto
+    from memplan.solvers import SolverConfig, chain_dp, chen_greedy, solve_auto
 
     case = build(name)
     plan = memplan.optimize(case.model, "100%", example_inputs=case.args, method="none")
@@ -177,12 +178,31 @@ def test_skipping_programs_whose_forward_ends_over_budget_changes_no_schedule(na
     config = SolverConfig(node_time_s=for_device("cpu").times(graph))
     unplanned = plan.baseline_peak_bytes
     budgets = [int(unplanned * f) for f in (1.0, 0.6, 0.4, 0.25, 0.01)]
-    simulated = []
-    evaluate = base.evaluate
-    monkeypatch.setattr(base, "evaluate", lambda *a, **k: simulated.append(a[1]) or evaluate(*a, **k))
+    simulated = []  # programs simulated whole
+
+    def counted(graph, program, **limit):
+        timeline = simulate(graph, program, **limit)
+        if timeline is not None:
+            simulated.append(program)
+        return timeline
+
+    monkeypatch.setattr(base, "simulate", counted)
     skipping = [solve_auto(graph, budget, config=config) for budget in budgets]
     simulated_when_skipping = len(simulated)
-    monkeypatch.setattr(base, "forward_end_bytes", lambda graph, program: 0)
+
+    def every_program_whole(graph, programs, budget_bytes, *, method, config, first_fit=False):
+        """Each program simulated whole; of those that fit, the one each solver's rule picks
+        (chen-greedy: the cheapest, then the smallest peak; the chain DP: the first in its
+        order), and all of them when none fits."""
+        schedules = [base.evaluate(graph, p, budget_bytes, method=method, config=config)
+                     for p in programs]
+        fitting = [s for s in schedules if s.feasible]
+        if fitting and method == "chen-greedy":
+            return [min(fitting, key=lambda s: (s.recompute_s, s.peak_bytes))]
+        return fitting[:1] if fitting and first_fit else fitting or schedules
+
+    for solver in (chain_dp, chen_greedy):
+        monkeypatch.setattr(solver, "evaluate_all", every_program_whole)
     everything = [solve_auto(graph, budget, config=config) for budget in budgets]
     assert len(simulated) - simulated_when_skipping > simulated_when_skipping, "too few skipped"
     summary = lambda s: (s.method, s.feasible, s.peak_bytes, s.recompute_s, s.program)  # noqa: E731

@@ -53,17 +53,18 @@ class StepSchedule:
 
 
 def recompute_seconds(graph: JointGraph, program: Program, times: Mapping[str, float]) -> float:
-    return sum(times.get(name, 0.0) for name in program.backward
-               if graph[name].phase is Phase.FORWARD)
+    forward = graph.forward_names
+    return sum(times.get(name, 0.0) for name in program.backward if name in forward)
 
 
 def evaluate(graph: JointGraph, program: Program, budget_bytes: int, *, method: str,
-             config: SolverConfig) -> StepSchedule:
+             config: SolverConfig, timeline: Timeline | None = None) -> StepSchedule:
+    """``timeline``: the program's, where the caller has simulated it already."""
     times = config.node_time_s
     step_s = sum(times.get(n.name, 0.0) for n in graph.nodes
                  if n.phase in (Phase.FORWARD, Phase.BACKWARD))
     recompute_s = recompute_seconds(graph, program, times)
-    timeline = simulate(graph, program)
+    timeline = timeline or simulate(graph, program)
     fits = timeline.peak_bytes <= budget_bytes
     return StepSchedule(method=method, program=program, timeline=timeline,
                         recompute_s=recompute_s, step_s=step_s, feasible=fits,
@@ -73,21 +74,25 @@ def evaluate(graph: JointGraph, program: Program, budget_bytes: int, *, method: 
 
 def evaluate_all(graph: JointGraph, programs: Sequence[Program], budget_bytes: int, *,
                  method: str, config: SolverConfig, first_fit: bool = False) -> list[StepSchedule]:
-    """The schedules of ``programs``, in their order, leaving out those that cannot fit: a
-    program whose forward alone ends above the budget (``forward_end_bytes``) is simulated only
-    if none of the others fits, so that the smallest peak can still be named. Most of a low
-    budget's candidates are such programs, and simulating is most of a solver's time. With
-    ``first_fit``, the first schedule that fits is the only one returned."""
+    """The schedules of ``programs`` that fit, in their order; if none fits, every one, so that
+    the smallest peak can still be named. A program whose forward alone ends above the budget
+    (``forward_end_bytes``) is not simulated, and the others only until a step goes above it,
+    unless none fits. Most of a low budget's candidates cannot fit, and simulating is most of a
+    solver's time. With ``first_fit``, the first schedule that fits is the only one returned."""
     schedules: dict[int, StepSchedule] = {}
     deferred = []
     for i, program in enumerate(programs):
-        if forward_end_bytes(graph, program) > budget_bytes:
+        timeline = None
+        if forward_end_bytes(graph, program) <= budget_bytes:
+            timeline = simulate(graph, program, limit_bytes=budget_bytes)
+        if timeline is None:
             deferred.append(i)
             continue
-        schedules[i] = evaluate(graph, program, budget_bytes, method=method, config=config)
-        if first_fit and schedules[i].feasible:
+        schedules[i] = evaluate(graph, program, budget_bytes, method=method, config=config,
+                                timeline=timeline)
+        if first_fit:
             return [schedules[i]]
-    if not any(s.feasible for s in schedules.values()):
+    if not schedules:
         for i in deferred:
             schedules[i] = evaluate(graph, programs[i], budget_bytes, method=method, config=config)
     return [schedules[i] for i in sorted(schedules)]

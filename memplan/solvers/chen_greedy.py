@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from memplan.graph import JointGraph
 from memplan.program import build_program
-from memplan.solvers.base import SolverConfig, StepSchedule, evaluate_all
+from memplan.solvers.base import SolverConfig, StepSchedule, evaluate_all, recompute_seconds
 from memplan.solvers.segments import Cuts, cheapest_cut, find_cuts
 
 
@@ -41,9 +41,16 @@ def solve(graph: JointGraph, budget_bytes: int, *, config: SolverConfig) -> Step
     cuts = find_cuts(graph)
     keeps = dict.fromkeys(frozenset(cuts.keep(greedy_boundaries(cuts, segment_bytes)))
                           for segment_bytes in segment_budgets(cuts, config.grid_points))
-    schedules = evaluate_all(graph, [build_program(graph, keep) for keep in keeps], budget_bytes,
-                             method="chen-greedy", config=config)
-    fitting = [s for s in schedules if s.feasible]
-    if fitting:
-        return min(fitting, key=lambda s: (s.recompute_s, s.peak_bytes))
+    programs = dict.fromkeys(build_program(graph, keep) for keep in keeps)
+    cost = {program: recompute_seconds(graph, program, config.node_time_s) for program in programs}
+    # Cheapest first, so that only the first that fits, and those as cheap, are simulated whole.
+    ordered = sorted(cost, key=cost.__getitem__)
+    schedules = evaluate_all(graph, ordered, budget_bytes, method="chen-greedy", config=config,
+                             first_fit=True)
+    if schedules[0].feasible:
+        tied = [p for p in ordered[ordered.index(schedules[0].program) + 1:]
+                if cost[p] == schedules[0].recompute_s]
+        fitting = schedules + evaluate_all(graph, tied, budget_bytes, method="chen-greedy",
+                                           config=config)
+        return min((s for s in fitting if s.feasible), key=lambda s: (s.recompute_s, s.peak_bytes))
     return min(schedules, key=lambda s: (s.peak_bytes, s.recompute_s))

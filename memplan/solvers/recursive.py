@@ -18,7 +18,7 @@ Chen et al.'s recursion (``log``) is a tree of bisecting splits; ``chain-dp`` ch
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
+from typing import Iterable, Union
 
 from memplan.graph import JointGraph, Phase
 from memplan.program import Program, forward_order
@@ -108,16 +108,18 @@ class _Emitter:
         self.graph, self.stages = graph, stages
         self.needed = set(recomputed)  # a cut value nothing in backward needs is not rebuilt
         self.order: list[str] = []
-        self.ready = set(saved) | {n.name for n in graph.nodes if n.phase in (Phase.PRIMAL, Phase.TANGENT)}
+        self.ready = set(saved).union(*({n.name for n in graph.nodes_of(phase)}
+                                        for phase in (Phase.PRIMAL, Phase.TANGENT)))
 
-    def materialize(self, names: set[str], scope: set[str]) -> None:
-        pending, frontier = set(), list(names)
+    def materialize(self, names: Iterable[str], scope: set[str]) -> None:
+        frontier = [name for name in names if name not in scope and name not in self.ready]
+        pending: set[str] = set()
         while frontier:
             name = frontier.pop()
             if name in pending or name in scope or name in self.ready:
                 continue
             pending.add(name)
-            frontier.extend(self.graph[name].inputs)
+            frontier.extend(self.graph.by_name[name].inputs)
         for name in sorted(pending, key=self.graph.index.__getitem__):
             self.order.append(name)
             scope.add(name)
@@ -125,12 +127,14 @@ class _Emitter:
     def run(self, tree: Tree, scope: set[str]) -> None:
         if isinstance(tree, Leaf):
             scope = set(scope)
+            nodes, forward, ready = self.graph.by_name, self.graph.forward_names, self.ready
             for name in self.stages.groups[tree.stage]:
-                forward_inputs = {i for i in self.graph[name].inputs
-                                  if self.graph[i].phase is Phase.FORWARD}
-                self.materialize(forward_inputs, scope)
+                missing = [i for i in nodes[name].inputs
+                           if i in forward and i not in scope and i not in ready]
+                if missing:
+                    self.materialize(missing, scope)
                 self.order.append(name)
-                self.ready.add(name)
+                ready.add(name)
         elif isinstance(tree, KeepAll):
             scope = set(scope)
             self.materialize(set(self.stages.needs[tree.stage]), scope)
