@@ -5,7 +5,7 @@ forward and backward graphs it returns go to inductor's graph compiler. Given a 
 inductor computes a pointwise value inside the kernel of a later consumer and keeps what that
 value reads alive until then: on DenseNet-BC-100 the backward of the least-budget plan peaked
 411 MiB above the planned order (bench/results/compiled_peak_h200.md). So each graph is cut
-into consecutive segments of ``OPS_PER_SEGMENT`` ops, compiled one by one: inductor fuses within
+into consecutive segments of at most ``OPS_PER_SEGMENT`` ops, compiled one by one: inductor fuses within
 a segment, and every value that crosses a boundary is materialised there and freed after the
 last segment that reads it, as the plan has it. The copies of offloaded values
 (``memplan.passes.offload``) are segments of their own, run as they are: on the GPT-2 medium
@@ -44,7 +44,8 @@ fp32 peaks 6.6% under it, where it went 3.3% over it and over its budget before
 its prediction.
 
 Segments with the same ops on the same shapes, strides and dtypes (the repeated layers of a
-deep network) share one compilation (``_segment_key``). Inductor's own FX graph cache would
+deep network) share one compilation (``_segment_key``); past ``MIN_OPS_PER_SEGMENT`` ops a
+segment ends where its last ops' content says, so that such layers are cut alike. Inductor's own FX graph cache would
 do so, but it passes over graphs traced without a shape environment, as memplan's are.
 
 Buffer updates (BatchNorm's running statistics) stay in the compiled forward as writes into the
@@ -66,9 +67,11 @@ has none, so one is made here.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import operator
+import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
@@ -90,6 +93,16 @@ OPS_PER_SEGMENT = 50
 # Structurally identical segments share one compilation (``_segment_key``); off to compile every
 # segment, as a diagnostic that inspects each one's code needs.
 REUSE_IDENTICAL_SEGMENTS = True
+# A segment of at least this many ops ends where its content says, so that repeated layers are
+# cut alike whatever precedes them, and share compilations: ResNet-1001's 1,935 segments
+# compiled as 269 when cut every 50 ops, its 1,953 as 84 cut so
+# (bench/results/segment_reuse_cpu.md).
+MIN_OPS_PER_SEGMENT = 42
+# Past that, an op ends its segment where a CRC-32 of the last ``CONTENT_WINDOW`` ops (target,
+# dtype, shape, strides) is a multiple of ``CONTENT_SPACING``: as deduplicating storage cuts
+# data into chunks, the same ops end alike wherever they start.
+CONTENT_WINDOW = 4
+CONTENT_SPACING = 8
 # Inductor options on CUDA only; the module docstring says why.
 CUDA_OPTIONS = {"layout_optimization": False}
 
@@ -117,7 +130,8 @@ def compile_with_inductor(gm: fx.GraphModule, example_inputs: Sequence[Any],
             with torch._inductor.config.patch(options):
                 return compile_in_segments(graph, inputs,
                                            functools.partial(compile_fx_inner, is_backward=is_backward),
-                                           OPS_PER_SEGMENT, planned_strides=on_cuda)
+                                           OPS_PER_SEGMENT, min_ops_per_segment=MIN_OPS_PER_SEGMENT,
+                                           planned_strides=on_cuda)
         return compile_graph
 
     context = contextlib.nullcontext()
@@ -143,8 +157,12 @@ class _Segment:
 
 def compile_in_segments(graph: fx.GraphModule, example_inputs: Sequence[Any],
                         compile_graph: Callable[..., Any], ops_per_segment: int, *,
+                        min_ops_per_segment: int | None = None,
                         planned_strides: bool = False) -> Callable[[list], Any]:
     """Compile ``graph`` as consecutive segments and return one boxed callable that runs them.
+
+    A segment has at most ``ops_per_segment`` ops; with ``min_ops_per_segment``, past that many
+    it ends where its last ops' content says (``MIN_OPS_PER_SEGMENT``).
 
     A multi-output op stays in one segment with its ``getitem`` users, so that segments pass
     tensors only. The strides each compiled segment reports for its outputs are the example
@@ -161,6 +179,7 @@ def compile_in_segments(graph: fx.GraphModule, example_inputs: Sequence[Any],
     frees_storage = _values_that_free_storage(graph.graph)
     count, in_segment = 0, ops_per_segment  # the first op starts segment 0
     on_host: set[int] = set()  # segments of one host step, run as they are
+    recent: collections.deque[bytes] = collections.deque(maxlen=CONTENT_WINDOW)
     for node in graph.graph.nodes:
         if node.op == "call_function" and node.target is operator.getitem:
             segment_of[node] = segment_of[node.args[0]]
@@ -175,7 +194,12 @@ def compile_in_segments(graph: fx.GraphModule, example_inputs: Sequence[Any],
             if in_segment >= ops_per_segment:
                 count, in_segment = count + 1, 0
             segment_of[node] = count - 1
-            in_segment = ops_per_segment if node in frees_storage else in_segment + 1
+            in_segment += 1
+            recent.append(f"{node.target} {_describe(node.meta.get('val'))}".encode())
+            if node in frees_storage or (
+                    min_ops_per_segment is not None and in_segment >= min_ops_per_segment
+                    and zlib.crc32(b"|".join(recent)) % CONTENT_SPACING == 0):
+                in_segment = ops_per_segment  # the next op starts a segment
         elif node.op not in ("placeholder", "get_attr", "output"):
             raise InternalError(f"aot_autograd gave inductor a graph with a {node.op} node "
                                 f"({node.name}); memplan compiles placeholders, constants and "

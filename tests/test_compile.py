@@ -79,11 +79,15 @@ def test_compiled_saved_values_keep_inductors_layout():
     assert_steps_match(plan.module, case, eager, rtol=1e-3)
 
 
-def test_compiled_pointwise_plan_recomputes_batch_norms_normalisation():
+def test_compiled_pointwise_plan_recomputes_batch_norms_normalisation(monkeypatch):
     """The ``pointwise`` plan saves what BatchNorm's decomposed statistics and the convolutions
     produce, and recomputes the normalisation and the ReLUs inside the backward's kernels. Its
     steps equal those of the compiled plan that recomputes nothing: on this ResNet both differ
-    from eager's by 4e-3 of a gradient's norm, rounding that BatchNorm's backward amplifies."""
+    from eager's by 3e-3 of a gradient's norm, rounding that BatchNorm's backward amplifies.
+    Inductor's layout optimisation is off, as memplan has it on CUDA: on the CPU it gives
+    convolutions channels-last layouts within a segment, which round their gradients otherwise
+    (1e-3 of conv.weight's gradient), and the two plans' segments end at different ops."""
+    monkeypatch.setattr(torch._inductor.config, "layout_optimization", False)
     case = build("preact_resnet29")
     twin = eager_twin(case)
     reference = memplan.optimize(twin, 1.0, example_inputs=case.args, method="none", compile=True)

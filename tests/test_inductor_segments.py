@@ -11,6 +11,7 @@ import weakref
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
+import memplan.inductor
 from memplan.inductor import compile_in_segments
 
 
@@ -203,3 +204,48 @@ def test_segments_that_differ_in_a_scalar_are_compiled_apart():
     (actual,) = compiled([x, w])
     assert torch.equal(actual, scaled_layers(x, w)[0])
     assert count == 2
+
+
+def offset_layers(x: torch.Tensor, w: torch.Tensor, offset: int) -> tuple[torch.Tensor]:
+    for _ in range(offset):  # ops before the layers: the layers start at another op
+        x = x.neg()
+    for _ in range(40):  # five different ops per layer
+        x = ((x @ w).relu().sin() * 2.0).tanh()
+    return (x,)
+
+
+def test_segments_cut_by_content_repeat_whatever_the_offset(monkeypatch):
+    """Cut every 12 ops, five-op layers fall alike only every 60 ops. Cut where the last ops'
+    content says (past 9 ops), they fall alike in every segment but the first, whatever the ops
+    before them: far fewer compilations for about as many segments, none over 12 ops, the same
+    results. (The content of these layers ends no segment at memplan's spacing of 8, which
+    would leave the cuts as they were: the test takes 4.)"""
+    x, w = torch.randn(16, 8), torch.randn(8, 8)
+    keys: list[str] = []
+    segment_key = memplan.inductor._segment_key
+    monkeypatch.setattr(memplan.inductor, "CONTENT_SPACING", 4)
+    monkeypatch.setattr(memplan.inductor, "_segment_key",
+                        lambda *args: keys.append(segment_key(*args)) or keys[-1])
+
+    def segments_and_compilations(offset: int, min_ops: int | None) -> tuple[int, int]:
+        graph = make_fx(lambda x, w: offset_layers(x, w, offset))(x, w)
+        keys.clear()
+        compilations = 0
+
+        def compile_graph(segment: torch.fx.GraphModule, _examples):
+            nonlocal compilations
+            compilations += 1
+            assert sum(n.op == "call_function" for n in segment.graph.nodes) <= 12
+            return run_eagerly(segment)
+
+        compiled = compile_in_segments(graph, [x, w], compile_graph, ops_per_segment=12,
+                                       min_ops_per_segment=min_ops)
+        (actual,) = compiled([x, w])
+        assert torch.equal(actual, offset_layers(x, w, offset)[0])
+        return len(keys), compilations
+
+    for offset in range(3):
+        fixed_segments, fixed = segments_and_compilations(offset, None)
+        content_segments, by_content = segments_and_compilations(offset, 9)
+        assert by_content <= fixed / 2, (offset, by_content, fixed)
+        assert content_segments <= 1.25 * fixed_segments, (offset, content_segments, fixed_segments)
