@@ -44,8 +44,8 @@ fp32 peaks 6.6% under it, where it went 3.3% over it and over its budget before
 its prediction.
 
 Segments with the same ops on the same shapes, strides and dtypes (the repeated layers of a
-deep network) share one compilation (``_segment_key``); past ``MIN_OPS_PER_SEGMENT`` ops a
-segment ends where its last ops' content says, so that such layers are cut alike. Inductor's own FX graph cache would
+deep network) share one compilation (``_segment_key``); within its last ``CONTENT_CUT_OPS`` ops
+a segment ends where its last ops' content says, so that such layers are cut alike. Inductor's own FX graph cache would
 do so, but it passes over graphs traced without a shape environment, as memplan's are.
 
 Buffer updates (BatchNorm's running statistics) stay in the compiled forward as writes into the
@@ -93,14 +93,14 @@ OPS_PER_SEGMENT = 50
 # Structurally identical segments share one compilation (``_segment_key``); off to compile every
 # segment, as a diagnostic that inspects each one's code needs.
 REUSE_IDENTICAL_SEGMENTS = True
-# A segment of at least this many ops ends where its content says, so that repeated layers are
-# cut alike whatever precedes them, and share compilations: ResNet-1001's 1,935 segments
-# compiled as 269 when cut every 50 ops, its 1,953 as 84 cut so
-# (bench/results/segment_reuse_cpu.md).
-MIN_OPS_PER_SEGMENT = 42
-# Past that, an op ends its segment where a CRC-32 of the last ``CONTENT_WINDOW`` ops (target,
-# dtype, shape, strides) is a multiple of ``CONTENT_SPACING``: as deduplicating storage cuts
-# data into chunks, the same ops end alike wherever they start.
+# A segment ends where its content says within the last ``CONTENT_CUT_OPS`` ops it may hold, so
+# that repeated layers are cut alike whatever precedes them, and share compilations: ResNet-1001's
+# 1,935 segments compiled as 269 when cut every 50 ops, its 1,953 as 84 cut past 42
+# (bench/results/segment_reuse_cpu.md). There, an op ends its segment where a CRC-32 of the last
+# ``CONTENT_WINDOW`` ops (target and ``_describe`` of the value: dtype, shape, strides, ...) is a
+# multiple of ``CONTENT_SPACING``: as deduplicating storage cuts data into chunks, the same ops
+# end alike wherever they start.
+CONTENT_CUT_OPS = 8
 CONTENT_WINDOW = 4
 CONTENT_SPACING = 8
 # Inductor options on CUDA only; the module docstring says why.
@@ -128,10 +128,11 @@ def compile_with_inductor(gm: fx.GraphModule, example_inputs: Sequence[Any],
         def compile_graph(graph: fx.GraphModule, inputs: Sequence[Any]) -> Callable[..., Any]:
             rewrite(graph)
             with torch._inductor.config.patch(options):
+                content_from = OPS_PER_SEGMENT - CONTENT_CUT_OPS
                 return compile_in_segments(graph, inputs,
                                            functools.partial(compile_fx_inner, is_backward=is_backward),
-                                           OPS_PER_SEGMENT, min_ops_per_segment=MIN_OPS_PER_SEGMENT,
-                                           planned_strides=on_cuda)
+                                           OPS_PER_SEGMENT, planned_strides=on_cuda,
+                                           min_ops_per_segment=content_from if content_from > 0 else None)
         return compile_graph
 
     context = contextlib.nullcontext()
@@ -162,7 +163,7 @@ def compile_in_segments(graph: fx.GraphModule, example_inputs: Sequence[Any],
     """Compile ``graph`` as consecutive segments and return one boxed callable that runs them.
 
     A segment has at most ``ops_per_segment`` ops; with ``min_ops_per_segment``, past that many
-    it ends where its last ops' content says (``MIN_OPS_PER_SEGMENT``).
+    it ends where its last ops' content says (``CONTENT_CUT_OPS``).
 
     A multi-output op stays in one segment with its ``getitem`` users, so that segments pass
     tensors only. The strides each compiled segment reports for its outputs are the example

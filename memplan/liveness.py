@@ -14,6 +14,7 @@ Memory is counted per storage instance: a view adds nothing, a recomputation all
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import overload
 
 from memplan.graph import Category, JointGraph, Phase
 from memplan.program import Program
@@ -112,6 +113,14 @@ def forward_end_bytes(graph: JointGraph, program: Program) -> int:
 
 class _OverLimit(Exception):
     pass
+
+
+@overload
+def simulate(graph: JointGraph, program: Program) -> Timeline: ...
+
+
+@overload
+def simulate(graph: JointGraph, program: Program, *, limit_bytes: int) -> Timeline | None: ...
 
 
 def simulate(graph: JointGraph, program: Program, *, limit_bytes: int | None = None) -> Timeline | None:

@@ -90,9 +90,9 @@ def evaluate_all(graph: JointGraph, programs: Sequence[Program], budget_bytes: i
             continue
         schedules[i] = evaluate(graph, program, budget_bytes, method=method, config=config,
                                 timeline=timeline)
-        if first_fit:
+        if first_fit and schedules[i].feasible:
             return [schedules[i]]
-    if not schedules:
+    if not any(s.feasible for s in schedules.values()):  # the early stops are simulated again
         for i in deferred:
             schedules[i] = evaluate(graph, programs[i], budget_bytes, method=method, config=config)
     return [schedules[i] for i in sorted(schedules)]
