@@ -79,7 +79,7 @@ def test_compiled_saved_values_keep_inductors_layout():
     assert_steps_match(plan.module, case, eager, rtol=1e-3)
 
 
-def test_compiled_pointwise_plan_recomputes_batch_norms_normalisation(monkeypatch):
+def test_compiled_pointwise_plan_recomputes_batch_norms_normalisation():
     """The ``pointwise`` plan saves what BatchNorm's decomposed statistics and the convolutions
     produce, and recomputes the normalisation and the ReLUs inside the backward's kernels. Its
     steps equal those of the compiled plan that recomputes nothing: on this ResNet both differ
@@ -87,19 +87,20 @@ def test_compiled_pointwise_plan_recomputes_batch_norms_normalisation(monkeypatc
     Inductor's layout optimisation is off, as memplan has it on CUDA: on the CPU it gives
     convolutions channels-last layouts within a segment, which round their gradients otherwise
     (1e-3 of conv.weight's gradient), and the two plans' segments end at different ops."""
-    monkeypatch.setattr(torch._inductor.config, "layout_optimization", False)
-    case = build("preact_resnet29")
-    twin = eager_twin(case)
-    reference = memplan.optimize(twin, 1.0, example_inputs=case.args, method="none", compile=True)
-    plan = memplan.optimize(case.model, 1.0, example_inputs=case.args, method="pointwise",
-                            compile=True)
-    graph = plan._result().graph
-    recomputed = {graph[name].op for name in plan.program.backward
-                  if graph[name].phase is Phase.FORWARD}
-    assert "aten.relu.default" in recomputed
-    assert not any(op.startswith(("aten.convolution", "aten.var_mean")) for op in recomputed)
-    assert plan.predicted_peak_bytes < plan.baseline_peak_bytes
-    assert_steps_match(plan.module, case, reference.module)
+    with torch._inductor.config.patch(layout_optimization=False):  # the steps compile backward
+        case = build("preact_resnet29")
+        twin = eager_twin(case)
+        reference = memplan.optimize(twin, 1.0, example_inputs=case.args, method="none",
+                                     compile=True)
+        plan = memplan.optimize(case.model, 1.0, example_inputs=case.args, method="pointwise",
+                                compile=True)
+        graph = plan._result().graph
+        recomputed = {graph[name].op for name in plan.program.backward
+                      if graph[name].phase is Phase.FORWARD}
+        assert "aten.relu.default" in recomputed
+        assert not any(op.startswith(("aten.convolution", "aten.var_mean")) for op in recomputed)
+        assert plan.predicted_peak_bytes < plan.baseline_peak_bytes
+        assert_steps_match(plan.module, case, reference.module)
 
 
 def test_repeated_layers_share_compiled_segments(monkeypatch):
