@@ -91,18 +91,19 @@ class ChainModel:
         return sum(self.kept_bytes) + max(self.leaf_bytes) + sum(self.grad_bytes)
 
 
-def _shift(costs: np.ndarray, slots: int) -> np.ndarray:
-    """costs[m - slots] at each m: the cost with ``slots`` fewer slots available."""
-    if slots <= 0:
-        return costs
+def _shifted(costs: np.ndarray, slots: int) -> np.ndarray:
+    """costs[..., m - slots] at each m: the cost with ``slots`` fewer slots available."""
     out = np.full_like(costs, _INFEASIBLE)
-    if slots < len(costs):
-        out[slots:] = costs[:len(costs) - slots]
+    slots = min(slots, costs.shape[-1])
+    out[..., slots:] = costs[..., :costs.shape[-1] - slots]
     return out
 
 
 class ChainDP:
-    """Tables C[s][t] (cost per slot count) and the choice that reached each entry."""
+    """Tables C[s, t] (cost per slot count) and the choice that reached each entry.
+
+    For each (s, t) every split point k is costed at once, as rows of one array; the first k of
+    least cost wins, and only if cheaper than KeepAll."""
 
     def __init__(self, model: ChainModel, slot_count: int):
         count = len(model.forward_s)
@@ -112,30 +113,36 @@ class ChainDP:
         x = self.x = [up(b) for b in model.cut_bytes]
         kept = self.kept = [up(b) for b in model.kept_bytes]
         leaf = [up(b) for b in model.leaf_bytes]
-        grad_after = self.grad_after = [up(sum(model.grad_bytes[k:])) for k in range(count + 1)]
-        forward_from = [sum(model.forward_s[:k]) for k in range(count + 1)]
+        grad_after = self.grad_after = np.array([up(sum(model.grad_bytes[k:]))
+                                                 for k in range(count + 1)])
+        forward_from = np.array([sum(model.forward_s[:k]) for k in range(count + 1)])
         slots = np.arange(slot_count + 1)
-        self.cost: dict[tuple[int, int], np.ndarray] = {}
-        self.choice: dict[tuple[int, int], np.ndarray] = {}
+        cost = self.cost = np.full((count, count, len(slots)), _INFEASIBLE)
+        choice = self.choice = np.full((count, count, len(slots)), _KEEP_ALL, dtype=np.int32)
         for s in range(count):
-            step_s = model.forward_s[s] + model.backward_s[s]
-            self.cost[s, s] = np.where(slots >= leaf[s], step_s, _INFEASIBLE)
-            self.choice[s, s] = np.full(len(slots), _KEEP_ALL)
+            cost[s, s] = np.where(slots >= leaf[s], model.forward_s[s] + model.backward_s[s],
+                                  _INFEASIBLE)
         for length in range(2, count + 1):
             for s in range(count - length + 1):
                 t = s + length - 1
                 # grad of stages s+1..t are held while stage s runs its backward
                 leaf_fits = slots - (grad_after[s + 1] - grad_after[t + 1]) >= leaf[s]
-                best = np.where(leaf_fits, model.forward_s[s] + model.backward_s[s]
-                                + _shift(self.cost[s + 1, t], kept[s]), _INFEASIBLE)
-                choice = np.full(len(slots), _KEEP_ALL)
-                for k in range(s + 1, t + 1):
-                    total = (forward_from[k] - forward_from[s] + _shift(self.cost[k, t], x[s])
-                             + _shift(self.cost[s, k - 1], grad_after[k] - grad_after[t + 1]))
-                    better = total < best
-                    best = np.where(better, total, best)
-                    choice = np.where(better, k, choice)
-                self.cost[s, t], self.choice[s, t] = best, choice
+                keep_all = _shifted(cost[s + 1, t], kept[s])
+                keep_all = np.where(leaf_fits, model.forward_s[s] + model.backward_s[s] + keep_all,
+                                    _INFEASIBLE)
+                # split[i]: the cost of splitting at k = s + 1 + i, summed in the order
+                # forward[s..k-1] + C(k, t, m - x[s]) + C(s, k-1, m - grads held)
+                k = np.arange(s + 1, t + 1)
+                split = _shifted(cost[s + 1:t + 1, t], x[s])
+                split += (forward_from[k] - forward_from[s])[:, None]
+                for i, held in enumerate((grad_after[k] - grad_after[t + 1]).clip(max=len(slots))):
+                    split[i, :held] = _INFEASIBLE
+                    split[i, held:] += cost[s, s + i, :len(slots) - held]
+                first_least = split.argmin(axis=0)
+                least = split[first_least, slots]
+                better = least < keep_all
+                cost[s, t] = np.where(better, least, keep_all)
+                choice[s, t] = np.where(better, k[first_least], _KEEP_ALL)
 
     def tree(self, s: int, t: int, slots: int) -> Tree:
         """The optimal tree for stages s..t within ``slots`` (a finite entry of the table)."""
