@@ -192,16 +192,19 @@ def test_skipping_programs_that_cannot_fit_changes_no_schedule(name, monkeypatch
     skipping = [solve_auto(graph, budget, config=config) for budget in budgets]
     simulated_when_skipping = len(simulated)
 
-    def every_program_whole(graph, programs, budget_bytes, *, method, config, first_fit=False):
+    def every_program_whole(graph, programs, budget_bytes, *, method, config, first_fit=False,
+                            every_one_if_none_fits=True):
         """Each program simulated whole; of those that fit, the one each solver's rule picks
         (chen-greedy: the cheapest, then the smallest peak; the chain DP and pointwise: the
-        first in their order), and all of them when none fits."""
+        first in their order), and all of them when none fits, unless asked for none."""
         schedules = [base.evaluate(graph, p, budget_bytes, method=method, config=config)
                      for p in programs]
         fitting = [s for s in schedules if s.feasible]
         if fitting and method == "chen-greedy":
             return [min(fitting, key=lambda s: (s.recompute_s, s.peak_bytes))]
-        return fitting[:1] if fitting and first_fit else fitting or schedules
+        if not fitting:
+            return schedules if every_one_if_none_fits else []
+        return fitting[:1] if first_fit else fitting
 
     for solver in (chain_dp, chen_greedy, pointwise):
         monkeypatch.setattr(solver, "evaluate_all", every_program_whole)

@@ -73,12 +73,14 @@ def evaluate(graph: JointGraph, program: Program, budget_bytes: int, *, method: 
 
 
 def evaluate_all(graph: JointGraph, programs: Sequence[Program], budget_bytes: int, *,
-                 method: str, config: SolverConfig, first_fit: bool = False) -> list[StepSchedule]:
+                 method: str, config: SolverConfig, first_fit: bool = False,
+                 every_one_if_none_fits: bool = True) -> list[StepSchedule]:
     """The schedules of ``programs`` that fit, in their order; if none fits, every one, so that
-    the smallest peak can still be named. A program whose forward alone ends above the budget
-    (``forward_end_bytes``) is not simulated, and the others only until a step goes above it,
-    unless none fits. Most of a low budget's candidates cannot fit, and simulating is most of a
-    solver's time. With ``first_fit``, the first schedule that fits is the only one returned."""
+    the smallest peak can still be named (none, without ``every_one_if_none_fits``). A program
+    whose forward alone ends above the budget (``forward_end_bytes``) is not simulated, and the
+    others only until a step goes above it, unless none fits. Most of a low budget's candidates
+    cannot fit, and simulating is most of a solver's time. With ``first_fit``, the first
+    schedule that fits is the only one returned."""
     schedules: dict[int, StepSchedule] = {}
     deferred = []
     for i, program in enumerate(programs):
@@ -92,7 +94,8 @@ def evaluate_all(graph: JointGraph, programs: Sequence[Program], budget_bytes: i
                                 timeline=timeline)
         if first_fit and schedules[i].feasible:
             return [schedules[i]]
-    if not any(s.feasible for s in schedules.values()):  # the early stops are simulated again
+    if every_one_if_none_fits and not any(s.feasible for s in schedules.values()):
+        # the early stops are simulated again
         for i in deferred:
             schedules[i] = evaluate(graph, programs[i], budget_bytes, method=method, config=config)
     return [schedules[i] for i in sorted(schedules)]
