@@ -114,8 +114,6 @@ def backward_order(graph: JointGraph, saved: frozenset[str]) -> tuple[str, ...]:
     done: set[str] = set()
 
     def insert(name: str) -> None:
-        if name in done:
-            return
         pending: set[str] = set()
         frontier = [name]
         while frontier:
@@ -130,10 +128,11 @@ def backward_order(graph: JointGraph, saved: frozenset[str]) -> tuple[str, ...]:
 
     ordered = sorted(needed, key=index.__getitem__)
     for name in ordered:
-        if index[name] >= first_backward:
+        if name not in done and index[name] >= first_backward:
             insert(name)
     for name in ordered:  # backward nodes that no tangent reaches, e.g. a zero gradient
-        insert(name)
+        if name not in done:
+            insert(name)
     return tuple(order)
 
 

@@ -31,7 +31,6 @@ def free_backward_of_running_stats(joint: fx.GraphModule) -> None:
     for node in joint.graph.find_nodes(op="call_function", target=_BATCH_NORM_BACKWARD):
         if node.args[7]:
             node.args = (*node.args[:3], None, None, *node.args[5:])
-    joint.recompile()
 
 
 def update_buffers_in_place(forward: fx.GraphModule, mutated_inputs: list[str]) -> None:

@@ -53,7 +53,6 @@ def use_causal_attention(joint: fx.GraphModule) -> None:
                                  [*mask[:3], False], True)
                 backward.kwargs = {k: v for k, v in backward.kwargs.items() if k == "scale"}
     _erase_unused(joint.graph, [bias for bias, is_causal in causal.items() if is_causal])
-    joint.recompile()
 
 
 def _argument(node: fx.Node, index: int, name: str, default: Any = None) -> Any:

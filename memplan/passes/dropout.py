@@ -73,7 +73,6 @@ def recompute_dropout_from_mask(joint: fx.GraphModule, *, decomposed: bool = Fal
         rewritten += 1
     if rewritten:
         joint.graph.lint()
-        joint.recompile()
     return rewritten
 
 
@@ -96,17 +95,18 @@ def replay_dropout_masks(joint: fx.GraphModule) -> None:
         node.replace_all_uses_with(replayed)
         joint.graph.erase_node(node)
     joint.graph.lint()
-    joint.recompile()
 
 
 def reuse_draws_in_forward(forward: fx.GraphModule) -> None:
     """In the forward graph, a replay right after its draw is the draw's own result."""
-    for replayed in forward.graph.find_nodes(op="call_function", target=replay):
+    replays = forward.graph.find_nodes(op="call_function", target=replay)
+    for replayed in replays:
         drawn = replayed.args[0].args[0]
         for result in list(replayed.users):  # getitem 0 (output) or 1 (mask)
             result.args = (drawn, result.args[1] + 1)
         forward.graph.erase_node(replayed)
-    forward.recompile()
+    if replays:
+        forward.recompile()
 
 
 @torch.library.custom_op("memplan::dropout_draw", mutates_args=(),
