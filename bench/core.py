@@ -39,10 +39,11 @@ def step(module: torch.nn.Module, x: torch.Tensor) -> None:
     out.float().sum().backward()
 
 
-def least_budget(model: torch.nn.Module, x: torch.Tensor, compile: bool = False) -> int:
+def least_budget(model: torch.nn.Module, x: torch.Tensor, compile: bool = False,
+                 cuda_graphs: bool = False) -> int:
     """The least budget memplan names for this step: the one its refusal of 1 byte gives."""
     try:
-        memplan.optimize(model, 1, example_inputs=(x,), compile=compile)
+        memplan.optimize(model, 1, example_inputs=(x,), compile=compile, cuda_graphs=cuda_graphs)
     except memplan.InfeasibleBudgetError as error:
         return error.minimum_bytes
     raise AssertionError("a 1-byte budget was accepted")

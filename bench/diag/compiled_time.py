@@ -56,7 +56,7 @@ def build(config: str, model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.n
     options = dict(method=method) if method else dict(method="none") if budget == "none" else {}
     compile, cuda_graphs = kind in ("compiled", "graphed"), kind == "graphed"
     if budget == "minimum":
-        budget = core.least_budget(model, x, compile=compile)
+        budget = core.least_budget(model, x, compile=compile, cuda_graphs=cuda_graphs)
     plan = memplan.optimize(model, "1TB" if budget == "none" else budget, example_inputs=(x,),
                             compile=compile, cuda_graphs=cuda_graphs, **options)
     chosen = plan._result().chosen
