@@ -22,7 +22,10 @@ smaller one a larger peak.
 
 from __future__ import annotations
 
+import functools
 import math
+from dataclasses import dataclass
+from typing import Mapping
 
 import numpy as np
 
@@ -59,36 +62,47 @@ def _bytes(graph: JointGraph, names: set[str] | frozenset[str]) -> int:
     return sum(graph.storages[s].nbytes for s in storages)
 
 
+@dataclass(frozen=True)
 class ChainModel:
-    """The DP's view of the stages, in bytes and seconds."""
+    """The DP's view of the stages, in bytes and seconds: all that its tables depend on."""
 
-    def __init__(self, graph: JointGraph, stages: Stages, times: dict[str, float]):
-        count = stages.count
-        position_stage = []
-        for stage, end in enumerate((*stages.boundaries, len(stages.cuts.order) - 1)):
-            position_stage += [stage] * (end + 1 - len(position_stage))
-        self.forward_s = [0.0] * count
-        for p, name in enumerate(stages.cuts.order):
-            self.forward_s[position_stage[p]] += times.get(name, 0.0)
-        self.backward_s = [sum(times.get(n, 0.0) for n in group) for group in stages.groups]
-        cuts = [stages.cut_before(s) for s in range(count)] + [set()]
-        self.cut_bytes = [_bytes(graph, c) for c in cuts]
-        self.kept_bytes, self.leaf_bytes, self.grad_bytes = [], [], []
-        for s in range(count):
-            held = set(stages.needs[s]) | cuts[s]
-            self.kept_bytes.append(_bytes(graph, held - cuts[s + 1]))
-            grads = sum(graph.storages[i].nbytes for name in stages.groups[s]
-                        for i in graph.allocates[name]
-                        if graph.storages[i].category is Category.GRADIENT)
-            self.grad_bytes.append(grads)
-            # the stage's values, its output cut, and the gradients flowing in and out
-            self.leaf_bytes.append(_bytes(graph, held | cuts[s + 1]) + self.cut_bytes[s + 1]
-                                   + self.cut_bytes[s] + grads)
+    forward_s: tuple[float, ...]
+    backward_s: tuple[float, ...]
+    cut_bytes: tuple[int, ...]  # per stage, and the empty cut after the last
+    kept_bytes: tuple[int, ...]
+    leaf_bytes: tuple[int, ...]
+    grad_bytes: tuple[int, ...]
 
     @property
     def ceiling_bytes(self) -> int:
         """Enough memory for the tree that keeps everything (a KeepAll chain)."""
         return sum(self.kept_bytes) + max(self.leaf_bytes) + sum(self.grad_bytes)
+
+
+def chain_model(graph: JointGraph, stages: Stages, times: Mapping[str, float]) -> ChainModel:
+    count = stages.count
+    position_stage = []
+    for stage, end in enumerate((*stages.boundaries, len(stages.cuts.order) - 1)):
+        position_stage += [stage] * (end + 1 - len(position_stage))
+    forward_s = [0.0] * count
+    for p, name in enumerate(stages.cuts.order):
+        forward_s[position_stage[p]] += times.get(name, 0.0)
+    backward_s = [sum(times.get(n, 0.0) for n in group) for group in stages.groups]
+    cuts = [stages.cut_before(s) for s in range(count)] + [set()]
+    cut_bytes = [_bytes(graph, c) for c in cuts]
+    kept_bytes, leaf_bytes, grad_bytes = [], [], []
+    for s in range(count):
+        held = set(stages.needs[s]) | cuts[s]
+        kept_bytes.append(_bytes(graph, held - cuts[s + 1]))
+        grads = sum(graph.storages[i].nbytes for name in stages.groups[s]
+                    for i in graph.allocates[name]
+                    if graph.storages[i].category is Category.GRADIENT)
+        grad_bytes.append(grads)
+        # the stage's values, its output cut, and the gradients flowing in and out
+        leaf_bytes.append(_bytes(graph, held | cuts[s + 1]) + cut_bytes[s + 1] + cut_bytes[s]
+                          + grads)
+    return ChainModel(tuple(forward_s), tuple(backward_s), tuple(cut_bytes), tuple(kept_bytes),
+                      tuple(leaf_bytes), tuple(grad_bytes))
 
 
 def _shifted(costs: np.ndarray, slots: int) -> np.ndarray:
@@ -174,13 +188,20 @@ def candidate_trees(dp: ChainDP, count: int) -> list[Tree]:
     return list(trees)
 
 
+@functools.lru_cache(maxsize=8)
+def optimal_trees(model: ChainModel, slot_count: int, count: int) -> tuple[Tree, ...]:
+    """``candidate_trees`` of the model's DP, kept for the next plan of the same chain (at another
+    budget, or as CP-SAT's warm start): the tables take seconds to build."""
+    return tuple(candidate_trees(ChainDP(model, slot_count), count))
+
+
 def solve(graph: JointGraph, budget_bytes: int, *, config: SolverConfig) -> StepSchedule:
     cuts = find_cuts(graph)
     boundaries = coarsen(cuts, local_minima(cuts), config.dp_stages)
     stages = make_stages(graph, cuts, boundaries, build_program(graph, cuts.keep(boundaries)))
-    model = ChainModel(graph, stages, dict(config.node_time_s))
+    model = chain_model(graph, stages, config.node_time_s)
     trees = [tree for slot_count in config.dp_slots
-             for tree in candidate_trees(ChainDP(model, slot_count), config.dp_candidates)]
+             for tree in optimal_trees(model, slot_count, config.dp_candidates)]
     programs = {}
     for tree in trees:
         saved, recomputed = complete_saved_set(graph, spine_keep(stages, tree))
