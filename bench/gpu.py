@@ -255,7 +255,7 @@ def memplan_rows(model, x, compile: bool, budgets: list[str]) -> list[dict]:
     if "minimum" not in budgets:
         return rows
     if minimum is None:  # only the minimum asked
-        minimum = least_budget(model, x, compile)
+        minimum = least_budget(model, x, compile, cuda_graphs=CUDA_GRAPHS)
     try:
         rows.append(memplan_row(model, x, minimum, "minimum", compile))
     except memplan.InfeasibleBudgetError as error:  # a budget-dependent solver reached less above it

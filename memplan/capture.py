@@ -56,7 +56,7 @@ class CapturedStep:
     run: Callable[..., Any]
     graph: JointGraph
     program: Program
-    fx_joint: fx.GraphModule
+    fx_joint: fx.GraphModule  # for its graph: its code is not regenerated after the passes
     fx_compiled: list[fx.GraphModule]  # forward, then backward once aot_autograd compiles it
 
 
