@@ -143,7 +143,7 @@ def test_what_cuda_graphs_hold_is_planned_beside_the_step():
     (name, method) for method in ("auto", "chain-dp", "chen-greedy", "pointwise")
     for name in ("gpt2", "preact_resnet29", "densenet40") if (name, method) != ("gpt2", "pointwise")])
 def test_more_budget_never_costs_more_nor_a_smaller_one_more_memory(name, method):
-    fractions = [f / 100 for f in range(30, 101, 10)]
+    fractions = [0.3, 0.5, 0.7, 0.8, 0.9, 1.0]
     rows = sweep(build(name), method, fractions)
     feasible = [row for row in rows if row is not None]
     assert len(feasible) >= 3, rows
@@ -163,8 +163,7 @@ def test_at_the_unplanned_peak_nothing_is_recomputed(name):
     assert overhead == 0.0
 
 
-@pytest.mark.parametrize("name", ["preact_resnet29", "densenet40"])
-def test_skipping_programs_that_cannot_fit_changes_no_schedule(name, monkeypatch):
+def test_skipping_programs_that_cannot_fit_changes_no_schedule(monkeypatch):
     """``evaluate_all`` does not simulate a program whose forward alone ends above the budget,
     nor the rest of one once a step goes above it, unless nothing fits; chen-greedy simulates
     its candidates cheapest first and stops at the first that fits. The fast solvers choose
@@ -174,7 +173,7 @@ def test_skipping_programs_that_cannot_fit_changes_no_schedule(name, monkeypatch
     from memplan.liveness import forward_end_bytes, simulate
     from memplan.solvers import SolverConfig, chain_dp, chen_greedy, pointwise, solve_auto
 
-    case = build(name)
+    case = build("densenet40")
     plan = memplan.optimize(case.model, "100%", example_inputs=case.args, method="none")
     graph = plan._result().graph
     config = SolverConfig(node_time_s=for_device("cpu").times(graph))
