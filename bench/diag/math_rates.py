@@ -7,6 +7,9 @@ back-to-back calls, as ``profile`` does), and its family's rate is the family's 
 time. Also timed: one large matrix product per math mode, the ceiling of each rate.
 
     python bench/diag/math_rates.py [--models resnet50 vgg19 ...] [--out FILE]
+
+A model's label may add modes after a colon, joined by ``+``: ``cl`` (model and input
+channels-last), ``tf32`` (matmul TF32 on), ``conv-fp32`` (cuDNN TF32 off), e.g. ``resnet50:cl+conv-fp32``.
 """
 
 from __future__ import annotations
@@ -112,13 +115,16 @@ def main() -> None:
                   "step ops measured ms | step ops analytic ms |", "|---|---|---|---|---|---|---|---|"]
     for spec in args.models:
         name, _, mode = spec.partition(":")
-        torch.backends.cuda.matmul.allow_tf32 = mode == "tf32"
-        graph, measured = timed_graph(name, channels_last=mode == "cl")
+        modes = set(mode.split("+"))
+        torch.backends.cuda.matmul.allow_tf32 = "tf32" in modes
+        torch.backends.cudnn.allow_tf32 = "conv-fp32" not in modes
+        graph, measured = timed_graph(name, channels_last="cl" in modes)
         lines += rows_for(spec, graph, measured)
         print("\n".join(lines), flush=True)
         if args.out:  # after each model: a run cut short keeps what it measured
             Path(args.out).write_text("\n".join(lines) + "\n")
     torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = True
 
 
 if __name__ == "__main__":

@@ -56,7 +56,8 @@ def allows_tf32(convolution: bool) -> bool:
 # convolution_flops_per_s["tf32"]: the FLOPs of ResNet-50's (NCHW and channels-last) and
 # VGG19's convolutions and their backwards over their measured time: 148 TFLOP/s, where the
 # three sets reach 97, 131 and 172. Convolutions in other precisions take the products' rate:
-# in full fp32 that priced ResNet-50's compiled step 39% under its kernel time.
+# full-fp32 convolutions reached 26 (ResNet-50) to 61 TFLOP/s (VGG19), and no single rate
+# prices both better than 51 does (run 3 there).
 # The H100's rates are assumed the same.
 # dispatch_s: the eager executor's host time per op on the lent H200's host, fitted to the least
 # of interleaved step times of DenseNet-BC-100, ResNet-164 and GPT-2 medium plans
