@@ -103,6 +103,24 @@ def test_compiled_pointwise_plan_recomputes_batch_norms_normalisation():
         assert_steps_match(plan.module, case, reference.module)
 
 
+def test_compiled_path_traces_max_pooling_backward_whole():
+    """Inductor lowers max-pooling's backward itself; decomposed (a scatter-add over zeros, after
+    reshaping copies of a channels-last gradient and its indices) it would add temporaries to
+    the plan that inductor fuses away."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.MaxPool2d(3, stride=2), torch.nn.Conv2d(8, 8, 3),
+                                torch.nn.Flatten(), torch.nn.Linear(8 * 5 * 5, 4))
+    case = Case(model.to(memory_format=torch.channels_last),
+                (torch.randn(4, 3, 16, 16).contiguous(memory_format=torch.channels_last),))
+    eager = eager_twin(case)
+    plan = memplan.optimize(case.model, 1.0, example_inputs=case.args, method="sqrt", compile=True)
+    ops = {node.op for node in plan._result().graph.nodes}
+    assert "aten.max_pool2d_with_indices_backward.default" in ops
+    assert not any(op.startswith("aten.scatter") for op in ops)
+    assert_steps_match(plan.module, case, eager)
+
+
 def test_repeated_layers_share_compiled_segments(monkeypatch):
     """Six identical Linear-BatchNorm-ReLU layers, in segments of five ops that fall alike on
     each: most segments reuse an earlier one's compilation, with their own weights and
