@@ -4,7 +4,7 @@ Plans the model at its least budget, prints the peak's breakdown and the ops wit
 measured workspaces (their arguments' shapes and strides), then re-measures the largest call
 with its tensor arguments made contiguous, made channels-last, and with cuDNN's TF32 off.
 
-    python bench/diag/conv_workspace.py vgg19 [--channels-last]
+    python bench/diag/conv_workspace.py vgg19 [--channels-last] [--compile [--cuda-graphs]]
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import core  # noqa: E402
 import gpu  # noqa: E402
 
 import memplan  # noqa: E402
@@ -50,6 +51,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("model")
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--cuda-graphs", action="store_true")
     parser.add_argument("--top", type=int, default=6)
     args = parser.parse_args()
     _title, build, _checkpointed, inputs = gpu.MODELS[args.model]
@@ -66,12 +69,13 @@ def main() -> None:
 
     memplan.capture.measure_workspaces = recording
     try:
-        least = memplan.optimize(model, "1000GB", example_inputs=(x,), method="none").minimum_budget_bytes
-        plan = memplan.optimize(model, least, example_inputs=(x,))
+        least = core.least_budget(model, x, compile=args.compile, cuda_graphs=args.cuda_graphs)
+        plan = memplan.optimize(model, least, example_inputs=(x,), compile=args.compile,
+                                cuda_graphs=args.cuda_graphs)
     finally:
         memplan.capture.measure_workspaces = measure
     chosen = plan._result().chosen
-    print(f"{args.model} channels_last={args.channels_last}: least budget {least / MiB:.0f} MiB, "
+    print(f"{args.model} channels_last={args.channels_last} compile={args.compile}: least budget {least / MiB:.0f} MiB, "
           f"{plan.method} peaks {chosen.peak_bytes / MiB:.0f} MiB at {chosen.timeline.peak_node}")
     print("  breakdown:", {k: round(v / MiB) for k, v in chosen.timeline.peak_breakdown.items()})
     nodes = {n.name: n for n in seen["joint"].graph.nodes}
