@@ -399,7 +399,7 @@ def make_partition(planner: Planner, result: dict[str, Any], *, device: torch.de
         replay_dropout_masks(joint)
         with _disable_current_modes():  # aot_autograd partitions under FakeTensorMode
             use_causal_attention(joint)
-            workspaces = measure_workspaces(joint, device)
+            workspaces = measure_workspaces(joint, device, compiled=not eager)
             ambient_bytes = _ambient_bytes(model, flat_inputs, device) if model is not None else 0
         graph = joint_to_ir(joint, num_fwd_outputs, user_outputs=user_outputs,
                             param_count=param_count, buffer_count=buffer_count, rounding=rounding,

@@ -278,6 +278,7 @@ def test_real_arguments_keep_shape_strides_and_broadcasts():
 
 
 def test_workspaces_are_measured_for_deterministic_ops_but_not_views_or_random_ones():
+    """Nor, where inductor compiles the graph, for prims, whose kernels inductor generates."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     from memplan.cost_models.workspace import _measured
@@ -286,8 +287,14 @@ def test_workspaces_are_measured_for_deterministic_ops_but_not_views_or_random_o
 
     def step(x, state):  # a replay sets the generator from its argument: not run either
         grad = aten._softmax_backward_data(x, x, -1, torch.float32)
-        return grad.view(-1), aten.native_dropout(x, 0.5, True), replay(state, x, 0.5), x.sum()
+        wide = torch.ops.prims.convert_element_type(x, torch.float64)
+        return (grad.view(-1), aten.native_dropout(x, 0.5, True), replay(state, x, 0.5), x.sum(),
+                wide)
 
     graph = make_fx(step, tracing_mode="fake")(torch.randn(4, 4), torch.get_rng_state()).graph
-    measured = [n.target for n in graph.nodes if n.op == "call_function" and _measured(n)]
-    assert measured == [aten._softmax_backward_data.default, aten.sum.default]
+    calls = [n for n in graph.nodes if n.op == "call_function"]
+    assert [n.target for n in calls if _measured(n)] == [
+        aten._softmax_backward_data.default, torch.ops.prims.convert_element_type.default,
+        aten.sum.default]
+    assert [n.target for n in calls if _measured(n, compiled=True)] == [
+        aten._softmax_backward_data.default, aten.sum.default]
