@@ -17,7 +17,9 @@ inductor may still hold a value longer than planned; four ways it did so are clo
   inductor computes it, and frees that storage, where the plan has it
   (``_values_that_free_storage``). Returning it from a segment that went on was not enough:
   inductor then fused it with its reader into one kernel writing both, while the storage was
-  alive (GPT-2 medium, +512 MiB).
+  alive (GPT-2 medium, +512 MiB). Where it frees a value its own segment computes and reads
+  before it, it starts a segment too, so that it is not fused into the kernel that computes
+  that value, before the plan has it (VGG19, +196 MiB).
 - An op that reads an input for its shape only is given an empty tensor of that shape
   (``_pass_shapes_not_values``), since inductor frees an input no kernel reads only when its
   segment returns.
@@ -181,7 +183,8 @@ def compile_in_segments(graph: fx.GraphModule, example_inputs: Sequence[Any],
     A multi-output op stays in one segment with its ``getitem`` users, so that segments pass
     tensors only. The strides each compiled segment reports for its outputs are the example
     inputs of the next, and are reported in turn for the graph's outputs. A segment ends early
-    at a value of ``_values_that_free_storage``. With ``planned_strides`` each segment returns
+    at a value of ``_values_that_free_storage``, and one that frees a value the segment computes
+    and reads before it starts one. With ``planned_strides`` each segment returns
     its values with the strides of ``graph`` (``_keep_planned_strides``). A call of the offload
     pass (``HOST_STEPS``) is a segment of its own, run as it is.
     """
@@ -205,7 +208,9 @@ def compile_in_segments(graph: fx.GraphModule, example_inputs: Sequence[Any],
               and segment_of[node.prev] not in on_host):  # placed after what it must follow
             segment_of[node] = segment_of[node.prev]
         elif node.op == "call_function":
-            if in_segment >= ops_per_segment:
+            if in_segment >= ops_per_segment or (
+                    node in frees_storage and _read_before_in_segment(
+                        node, frees_storage[node], segment_of, count - 1)):
                 count, in_segment = count + 1, 0
             segment_of[node] = count - 1
             in_segment += 1
@@ -351,15 +356,20 @@ def _pass_shapes_not_values(graph: fx.Graph) -> None:
             node.update_arg(index, empty)
 
 
-def _values_that_free_storage(graph: fx.Graph) -> set[fx.Node]:
-    """The values whose computation frees a storage more than twice their size: its last reader.
+def _values_that_free_storage(graph: fx.Graph) -> dict[fx.Node, list[fx.Node]]:
+    """The values whose computation frees a storage more than twice their size (its last
+    reader), each with the values whose storages it frees.
 
     Inductor computes a pointwise value where a kernel first needs it. In DenseNet-BC-100's
     least-budget backward the sum of two slices of 54 and 51 MiB gradients was computed at its
     convolution's backward, the end of its segment, holding both gradients across the
     recomputation of a concatenation and its BatchNorm (H200). Each of these values ends its
-    segment. Storages of placeholders and of returned values are held by the caller and never
-    freed here.
+    segment. It also fuses a pointwise value with the kernel that computes what it reads: in
+    VGG19's least-budget backward (channels-last) the mask of a recomputed ReLU was written with
+    the ReLU, before the convolution's backward that reads the ReLU, 196 MiB above the plan at
+    its peak (H200). So each of these values that frees a value its own segment computes and
+    reads before it starts a segment too (``_read_before_in_segment``). Storages of
+    placeholders and of returned values are held by the caller and never freed here.
     """
     storage_of: dict[fx.Node, StorageWeakRef] = {}
     nbytes: dict[StorageWeakRef, int] = {}
@@ -380,10 +390,24 @@ def _values_that_free_storage(graph: fx.Graph) -> set[fx.Node]:
     for storage, node in last_reader.items():
         if storage not in held:
             freed[node] = freed.get(node, 0) + nbytes[storage]
-    return {node for node, freed_bytes in freed.items()
+    return {node: [value for value in node.all_input_nodes
+                   if value in storage_of and last_reader[storage_of[value]] is node
+                   and storage_of[value] not in held]
+            for node, freed_bytes in freed.items()
             if node in storage_of and not _writes_input(node)
             and not getattr(node.target, "is_view", False)
             and freed_bytes > 2 * nbytes[storage_of[node]]}
+
+
+def _read_before_in_segment(node: fx.Node, values: list[fx.Node], segment_of: dict[fx.Node, int],
+                            segment: int) -> bool:
+    """Whether one of ``values`` is computed in ``segment`` and read there before ``node`` by an
+    op other than a view: inductor could then write ``node`` with it, while that reader still
+    holds it."""
+    return any(segment_of.get(value) == segment and any(
+        user is not node and segment_of.get(user) == segment
+        and not getattr(user.target, "is_view", False) for user in value.users)
+        for value in values)
 
 
 def _writes_input(node: fx.Node) -> bool:

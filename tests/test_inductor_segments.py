@@ -134,6 +134,32 @@ def test_a_value_that_frees_a_storage_ends_its_segment():
     assert len(members) == 2 and members[0][-1] == add, f"the sum should end its segment: {members}"
 
 
+def recompute_then_mask(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    recomputed = (x * 2).relu()
+    y = recomputed @ weight  # reads it before the mask
+    mask = recomputed <= 0  # its last reader, a quarter of its size
+    return y, mask
+
+
+def test_a_value_that_frees_what_its_segment_computed_and_read_starts_a_segment():
+    """``mask`` frees ``recomputed``, which its segment computed and the product read: it starts
+    a segment, so that inductor cannot write it with ``recomputed`` in one kernel, before the
+    product, while ``recomputed`` is still held (as a recomputed ReLU's mask in VGG19)."""
+    x, weight = torch.randn(16, 16), torch.randn(16, 4)
+    graph = make_fx(recompute_then_mask)(x, weight)
+    members: list[list[str]] = []
+
+    def compile_graph(segment: torch.fx.GraphModule, _examples):
+        members.append([n.name for n in segment.graph.nodes if n.op == "call_function"])
+        return run_eagerly(segment)
+
+    compiled = compile_in_segments(graph, [x, weight], compile_graph, ops_per_segment=100)
+    for actual, expected in zip(compiled([x, weight]), recompute_then_mask(x, weight), strict=True):
+        assert torch.equal(actual, expected)
+    mask = next(n.name for n in graph.graph.nodes if n.target is torch.ops.aten.le.Scalar)
+    assert [mask] in members, f"the mask should be a segment of its own: {members}"
+
+
 def pool_backward_then_convolution(gradient: torch.Tensor, x: torch.Tensor,
                                    weight: torch.Tensor) -> tuple[torch.Tensor]:
     pooled = torch.ops.aten.avg_pool2d_backward(gradient, x, [2, 2], [2, 2], [0, 0], False, True,

@@ -8,6 +8,7 @@ within segments, across them, or before the first op.
 
     python bench/diag/segment_peaks.py MODEL BUDGET [--ops N] [--dump DIR] [--inductor-order]
                                        [--layout-optimization] [--no-tf32] [--probe K]
+                                       [--channels-last]
 
 MODEL is one of bench/gpu.py's; BUDGET as ``memplan.optimize`` takes it, or ``minimum``.
 Each segment's returned value that inductor gives other strides than the planned graph's is
@@ -226,6 +227,8 @@ def main() -> None:
     parser.add_argument("--layout-optimization", action="store_true")
     parser.add_argument("--no-tf32", action="store_true")
     parser.add_argument("--probe", type=int, default=0)
+    parser.add_argument("--channels-last", action="store_true",
+                        help="the model and its input in channels-last memory format")
     args = parser.parse_args()
     if args.no_tf32:
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
@@ -235,7 +238,7 @@ def main() -> None:
     inductor._Segment = RecordedSegment
     inductor.REUSE_IDENTICAL_SEGMENTS = False  # each segment's own code is recorded
     if args.inductor_order:
-        inductor._values_that_free_storage = lambda graph: set()
+        inductor._values_that_free_storage = lambda graph: {}
     if args.layout_optimization:
         inductor.CUDA_OPTIONS = {}
     compile_in_segments = inductor.compile_in_segments
@@ -263,6 +266,8 @@ def main() -> None:
     _title, make, _checkpointed, inputs = gpu.MODELS[args.model]
     torch.manual_seed(0)
     model, x = make().cuda(), inputs()
+    if args.channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
     budget = core.least_budget(model, x, compile=True) if args.budget == "minimum" else args.budget
     plan = memplan.optimize(model, budget, example_inputs=(x,), compile=True)
     for _ in range(2):
