@@ -358,7 +358,7 @@ def _pass_shapes_not_values(graph: fx.Graph) -> None:
 
 def _values_that_free_storage(graph: fx.Graph) -> dict[fx.Node, list[fx.Node]]:
     """The values whose computation frees a storage more than twice their size (its last
-    reader), each with the values whose storages it frees.
+    reader), each with the values (and views) whose storages it frees.
 
     Inductor computes a pointwise value where a kernel first needs it. In DenseNet-BC-100's
     least-budget backward the sum of two slices of 54 and 51 MiB gradients was computed at its
@@ -390,9 +390,8 @@ def _values_that_free_storage(graph: fx.Graph) -> dict[fx.Node, list[fx.Node]]:
     for storage, node in last_reader.items():
         if storage not in held:
             freed[node] = freed.get(node, 0) + nbytes[storage]
-    return {node: [value for value in node.all_input_nodes
-                   if value in storage_of and last_reader[storage_of[value]] is node
-                   and storage_of[value] not in held]
+    return {node: [value for value, storage in storage_of.items()
+                   if last_reader.get(storage) is node and storage not in held]
             for node, freed_bytes in freed.items()
             if node in storage_of and not _writes_input(node)
             and not getattr(node.target, "is_view", False)
@@ -401,13 +400,13 @@ def _values_that_free_storage(graph: fx.Graph) -> dict[fx.Node, list[fx.Node]]:
 
 def _read_before_in_segment(node: fx.Node, values: list[fx.Node], segment_of: dict[fx.Node, int],
                             segment: int) -> bool:
-    """Whether one of ``values`` is computed in ``segment`` and read there before ``node`` by an
-    op other than a view: inductor could then write ``node`` with it, while that reader still
-    holds it."""
-    return any(segment_of.get(value) == segment and any(
-        user is not node and segment_of.get(user) == segment
-        and not getattr(user.target, "is_view", False) for user in value.users)
-        for value in values)
+    """Whether the storage of ``values`` (a value and its views) is computed in ``segment`` and
+    read there before ``node`` by an op other than a view: inductor could then write ``node``
+    with it, while that reader still holds it."""
+    def in_segment(value: fx.Node) -> bool:
+        return segment_of.get(value) == segment and not getattr(value.target, "is_view", False)
+    return any(in_segment(value) for value in values) and any(
+        in_segment(user) and user is not node for value in values for user in value.users)
 
 
 def _writes_input(node: fx.Node) -> bool:
