@@ -8,7 +8,7 @@ within segments, across them, or before the first op.
 
     python bench/diag/segment_peaks.py MODEL BUDGET [--ops N] [--dump DIR] [--inductor-order]
                                        [--layout-optimization] [--no-tf32] [--probe K]
-                                       [--channels-last]
+                                       [--probe-under] [--channels-last]
 
 MODEL is one of bench/gpu.py's; BUDGET as ``memplan.optimize`` takes it, or ``minimum``.
 Each segment's returned value that inductor gives other strides than the planned graph's is
@@ -22,7 +22,8 @@ layout optimisation on (``memplan.inductor.CUDA_OPTIONS``); ``--no-tf32`` runs c
 matmuls in full fp32, for planning and step alike. ``--probe K`` runs one more step in which the K
 backward segments furthest above the plan's simulation also run their fx graph op by op, eagerly,
 on copies of their inputs: each op's scratch memory (its peak beyond its output) against the
-workspace the plan measured for it, with its tensor arguments' strides and offsets.
+workspace the plan measured for it, with its tensor arguments' strides and offsets;
+``--probe-under`` probes those furthest under it instead.
 """
 
 from __future__ import annotations
@@ -227,6 +228,8 @@ def main() -> None:
     parser.add_argument("--layout-optimization", action="store_true")
     parser.add_argument("--no-tf32", action="store_true")
     parser.add_argument("--probe", type=int, default=0)
+    parser.add_argument("--probe-under", action="store_true",
+                        help="probe the segments furthest under the plan's simulation instead")
     parser.add_argument("--channels-last", action="store_true",
                         help="the model and its input in channels-last memory format")
     args = parser.parse_args()
@@ -298,7 +301,8 @@ def main() -> None:
     rows = print_against_whole_graphs(simulate(result.graph, result.chosen.program),
                                       args.dump / "segments.json" if args.dump else None)
     worst = sorted((row for row in rows if row["graph"] == "backward" and row["simulated_peak"]),
-                   key=lambda row: row["simulated_peak"] - row["absolute_peak"])[:args.probe]
+                   key=lambda row: row["simulated_peak"] - row["absolute_peak"],
+                   reverse=args.probe_under)[:args.probe]
     if args.dump:
         for i in sorted({*excess[:3], *(row["segment"] for row in worst)}):
             dump(args.dump, i, records[i])
