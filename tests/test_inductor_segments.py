@@ -107,6 +107,22 @@ def test_a_buffer_write_joins_the_segment_of_its_value():
     assert writer < len(members) - 1, "the write should not wait for the last segment"
 
 
+def segments_of(function, *inputs: torch.Tensor) -> tuple[torch.fx.GraphModule, list[list[str]]]:
+    """``function``'s graph, and the op names of each segment it is cut into (of up to 100 ops),
+    after checking that the segments compute what ``function`` does."""
+    graph = make_fx(function)(*inputs)
+    members: list[list[str]] = []
+
+    def compile_graph(segment: torch.fx.GraphModule, _examples):
+        members.append([n.name for n in segment.graph.nodes if n.op == "call_function"])
+        return run_eagerly(segment)
+
+    compiled = compile_in_segments(graph, list(inputs), compile_graph, ops_per_segment=100)
+    for actual, expected in zip(compiled(list(inputs)), function(*inputs), strict=True):
+        assert torch.equal(actual, expected)
+    return graph, members
+
+
 def sum_of_slices_then_other_work(gradient: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     doubled = gradient * 2  # a gradient computed in an earlier segment
     part = doubled[:, :2] + 1  # the last reader of doubled's storage, a tenth of its size
@@ -118,18 +134,7 @@ def test_a_value_that_frees_a_storage_ends_its_segment():
     """``part`` frees ``doubled``, ten times its size: its segment ends there, so that inductor
     computes it, and frees ``doubled``, where the plan has it, instead of in the kernel of its
     first reader (which would hold ``doubled`` across ``y``)."""
-    gradient, x = torch.randn(8, 20), torch.randn(8, 8)
-    graph = make_fx(sum_of_slices_then_other_work)(gradient, x)
-    members: list[list[str]] = []
-
-    def compile_graph(segment: torch.fx.GraphModule, _examples):
-        members.append([n.name for n in segment.graph.nodes if n.op == "call_function"])
-        return run_eagerly(segment)
-
-    compiled = compile_in_segments(graph, [gradient, x], compile_graph, ops_per_segment=100)
-    outputs = compiled([gradient, x])
-    for actual, expected in zip(outputs, sum_of_slices_then_other_work(gradient, x), strict=True):
-        assert torch.equal(actual, expected)
+    graph, members = segments_of(sum_of_slices_then_other_work, torch.randn(8, 20), torch.randn(8, 8))
     add = next(n.name for n in graph.graph.nodes if n.target is torch.ops.aten.add.Tensor)
     assert len(members) == 2 and members[0][-1] == add, f"the sum should end its segment: {members}"
 
@@ -145,17 +150,7 @@ def test_a_value_that_frees_what_its_segment_computed_and_read_starts_a_segment(
     """``mask`` frees ``recomputed``, which its segment computed and the product read: it starts
     a segment, so that inductor cannot write it with ``recomputed`` in one kernel, before the
     product, while ``recomputed`` is still held (as a recomputed ReLU's mask in VGG19)."""
-    x, weight = torch.randn(16, 16), torch.randn(16, 4)
-    graph = make_fx(recompute_then_mask)(x, weight)
-    members: list[list[str]] = []
-
-    def compile_graph(segment: torch.fx.GraphModule, _examples):
-        members.append([n.name for n in segment.graph.nodes if n.op == "call_function"])
-        return run_eagerly(segment)
-
-    compiled = compile_in_segments(graph, [x, weight], compile_graph, ops_per_segment=100)
-    for actual, expected in zip(compiled([x, weight]), recompute_then_mask(x, weight), strict=True):
-        assert torch.equal(actual, expected)
+    graph, members = segments_of(recompute_then_mask, torch.randn(16, 16), torch.randn(16, 4))
     mask = next(n.name for n in graph.graph.nodes if n.target is torch.ops.aten.le.Scalar)
     assert [mask] in members, f"the mask should be a segment of its own: {members}"
 
