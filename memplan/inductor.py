@@ -356,9 +356,10 @@ def _pass_shapes_not_values(graph: fx.Graph) -> None:
             node.update_arg(index, empty)
 
 
-def _values_that_free_storage(graph: fx.Graph) -> dict[fx.Node, list[fx.Node]]:
-    """The values whose computation frees a storage more than twice their size (its last
-    reader), each with the values (and views) whose storages it frees.
+def _values_that_free_storage(graph: fx.Graph) -> dict[fx.Node, list[list[fx.Node]]]:
+    """The values whose computation frees storage more than twice their size (its last reader),
+    each with the values of every storage it frees (in graph order: the one that computes it,
+    then its views).
 
     Inductor computes a pointwise value where a kernel first needs it. In DenseNet-BC-100's
     least-budget backward the sum of two slices of 54 and 51 MiB gradients was computed at its
@@ -367,16 +368,18 @@ def _values_that_free_storage(graph: fx.Graph) -> dict[fx.Node, list[fx.Node]]:
     segment. It also fuses a pointwise value with the kernel that computes what it reads: in
     VGG19's least-budget backward (channels-last) the mask of a recomputed ReLU was written with
     the ReLU, before the convolution's backward that reads the ReLU, 196 MiB above the plan at
-    its peak (H200). So each of these values that frees a value its own segment computes and
+    its peak (H200). So each of these values that frees a storage its own segment computes and
     reads before it starts a segment too (``_read_before_in_segment``). Storages of
     placeholders and of returned values are held by the caller and never freed here.
     """
     storage_of: dict[fx.Node, StorageWeakRef] = {}
+    values_of: dict[StorageWeakRef, list[fx.Node]] = collections.defaultdict(list)
     nbytes: dict[StorageWeakRef, int] = {}
     for node in graph.nodes:
         value = node.meta.get("val")
         if isinstance(value, torch.Tensor):
             storage_of[node] = StorageWeakRef(value.untyped_storage())
+            values_of[storage_of[node]].append(node)
             nbytes[storage_of[node]] = value.untyped_storage().nbytes()
     held = {storage_of.get(node) for node in (*graph.find_nodes(op="placeholder"),
                                                *graph.output_node().all_input_nodes)}
@@ -386,27 +389,26 @@ def _values_that_free_storage(graph: fx.Graph) -> dict[fx.Node, list[fx.Node]]:
             for value in node.all_input_nodes:
                 if value in storage_of:
                     last_reader[storage_of[value]] = node
-    freed: dict[fx.Node, int] = {}
+    freed: dict[fx.Node, list[StorageWeakRef]] = {}
     for storage, node in last_reader.items():
         if storage not in held:
-            freed[node] = freed.get(node, 0) + nbytes[storage]
-    return {node: [value for value, storage in storage_of.items()
-                   if last_reader.get(storage) is node and storage not in held]
-            for node, freed_bytes in freed.items()
+            freed.setdefault(node, []).append(storage)
+    return {node: [values_of[storage] for storage in storages]
+            for node, storages in freed.items()
             if node in storage_of and not _writes_input(node)
             and not getattr(node.target, "is_view", False)
-            and freed_bytes > 2 * nbytes[storage_of[node]]}
+            and sum(nbytes[storage] for storage in storages) > 2 * nbytes[storage_of[node]]}
 
 
-def _read_before_in_segment(node: fx.Node, values: list[fx.Node], segment_of: dict[fx.Node, int],
-                            segment: int) -> bool:
-    """Whether the storage of ``values`` (a value and its views) is computed in ``segment`` and
-    read there before ``node`` by an op other than a view: inductor could then write ``node``
-    with it, while that reader still holds it."""
-    def in_segment(value: fx.Node) -> bool:
-        return segment_of.get(value) == segment and not getattr(value.target, "is_view", False)
-    return any(in_segment(value) for value in values) and any(
-        in_segment(user) and user is not node for value in values for user in value.users)
+def _read_before_in_segment(node: fx.Node, storages: list[list[fx.Node]],
+                            segment_of: dict[fx.Node, int], segment: int) -> bool:
+    """Whether one of the storages ``node`` frees (each given by its values: the one that
+    computes it, then its views) is computed in ``segment`` and read there before ``node`` by an
+    op that is not one of its views: inductor could then write ``node`` with it, while that
+    reader still holds it."""
+    return any(segment_of.get(values[0]) == segment and any(
+        user is not node and user not in values and segment_of.get(user) == segment
+        for value in values for user in value.users) for values in storages)
 
 
 def _writes_input(node: fx.Node) -> bool:

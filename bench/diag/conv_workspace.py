@@ -63,8 +63,8 @@ def main() -> None:
     seen = {}
     measure = memplan.capture.measure_workspaces
 
-    def recording(joint, device):
-        seen["joint"], seen["workspaces"] = joint, measure(joint, device)
+    def recording(joint, device, **options):
+        seen["joint"], seen["workspaces"] = joint, measure(joint, device, **options)
         return seen["workspaces"]
 
     memplan.capture.measure_workspaces = recording
