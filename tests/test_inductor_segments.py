@@ -107,8 +107,9 @@ def test_a_buffer_write_joins_the_segment_of_its_value():
     assert writer < len(members) - 1, "the write should not wait for the last segment"
 
 
-def segments_of(function, *inputs: torch.Tensor) -> tuple[torch.fx.GraphModule, list[list[str]]]:
-    """``function``'s graph, and the op names of each segment it is cut into (of up to 100 ops),
+def segments_of(function, *inputs: torch.Tensor,
+                ops_per_segment: int = 100) -> tuple[torch.fx.GraphModule, list[list[str]]]:
+    """``function``'s graph, and the op names of each segment it is cut into,
     after checking that the segments compute what ``function`` does. Traced on fake tensors,
     as aot_autograd's graphs are: a view's value shares its base's storage."""
     graph = make_fx(function, tracing_mode="fake")(*inputs)
@@ -118,7 +119,7 @@ def segments_of(function, *inputs: torch.Tensor) -> tuple[torch.fx.GraphModule, 
         members.append([n.name for n in segment.graph.nodes if n.op == "call_function"])
         return run_eagerly(segment)
 
-    compiled = compile_in_segments(graph, list(inputs), compile_graph, ops_per_segment=100)
+    compiled = compile_in_segments(graph, list(inputs), compile_graph, ops_per_segment=ops_per_segment)
     for actual, expected in zip(compiled(list(inputs)), function(*inputs), strict=True):
         assert torch.equal(actual, expected)
     return graph, members
@@ -154,6 +155,25 @@ def test_a_value_that_frees_what_its_segment_computed_and_read_starts_a_segment(
     graph, members = segments_of(recompute_then_mask, torch.randn(16, 16), torch.randn(16, 4))
     mask = next(n.name for n in graph.graph.nodes if n.target is torch.ops.aten.le.Scalar)
     assert [mask] in members, f"the mask should be a segment of its own: {members}"
+
+
+def loss_of_an_earlier_value_and_a_new_one(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    earlier = x.exp()
+    other = x.cos() + 1  # ends the first segment of three ops
+    new = x.sin()
+    y = earlier @ weight  # reads the earlier value, not the new one
+    return y, torch.nn.functional.mse_loss(earlier, new), other
+
+
+def test_a_freed_storage_read_before_must_also_be_computed_in_the_segment():
+    """The loss frees ``earlier``, computed in the segment before and read in its own by the
+    product, and ``new``, computed in its own segment and read by nothing else: neither storage
+    is both, so no segment starts at the loss."""
+    graph, members = segments_of(loss_of_an_earlier_value_and_a_new_one, torch.randn(8, 8),
+                                 torch.randn(8, 4), ops_per_segment=3)
+    loss = next(n.name for n in graph.graph.nodes if n.target is torch.ops.aten.mse_loss.default)
+    sin = next(n.name for n in graph.graph.nodes if n.target is torch.ops.aten.sin.default)
+    assert any(loss in names and sin in names for names in members), members
 
 
 def pool_backward_then_convolution(gradient: torch.Tensor, x: torch.Tensor,
