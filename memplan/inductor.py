@@ -17,9 +17,10 @@ inductor may still hold a value longer than planned; four ways it did so are clo
   inductor computes it, and frees that storage, where the plan has it
   (``_values_that_free_storage``). Returning it from a segment that went on was not enough:
   inductor then fused it with its reader into one kernel writing both, while the storage was
-  alive (GPT-2 medium, +512 MiB). Where it frees a value its own segment computes and reads
-  before it, it starts a segment too, so that it is not fused into the kernel that computes
-  that value, before the plan has it (VGG19, +196 MiB).
+  alive (GPT-2 medium, +512 MiB). Where it frees a storage its own segment computes and reads
+  before it, it starts a segment instead, so that it is not fused into the kernel that computes
+  that storage, before the plan has it (VGG19, +196 MiB); that segment goes on if an op reads
+  the value before anything larger is allocated, as a ReLU's mask is read by a ``where``.
 - An op that reads an input for its shape only is given an empty tensor of that shape
   (``_pass_shapes_not_values``), since inductor frees an input no kernel reads only when its
   segment returns.
@@ -183,8 +184,9 @@ def compile_in_segments(graph: fx.GraphModule, example_inputs: Sequence[Any],
     A multi-output op stays in one segment with its ``getitem`` users, so that segments pass
     tensors only. The strides each compiled segment reports for its outputs are the example
     inputs of the next, and are reported in turn for the graph's outputs. A segment ends early
-    at a value of ``_values_that_free_storage``, and one that frees a value the segment computes
-    and reads before it starts one. With ``planned_strides`` each segment returns
+    at a value of ``_values_that_free_storage``; one that frees a storage the segment computes
+    and reads before it starts a segment instead, which goes on if it is read soon after
+    (``_read_soon_after``). With ``planned_strides`` each segment returns
     its values with the strides of ``graph`` (``_keep_planned_strides``). A call of the offload
     pass (``HOST_STEPS``) is a segment of its own, run as it is.
     """
@@ -208,14 +210,15 @@ def compile_in_segments(graph: fx.GraphModule, example_inputs: Sequence[Any],
               and segment_of[node.prev] not in on_host):  # placed after what it must follow
             segment_of[node] = segment_of[node.prev]
         elif node.op == "call_function":
-            if in_segment >= ops_per_segment or (
-                    node in frees_storage and _read_before_in_segment(
-                        node, frees_storage[node], segment_of, count - 1)):
+            starts = node in frees_storage and _read_before_in_segment(
+                node, frees_storage[node], segment_of, count - 1)
+            if in_segment >= ops_per_segment or starts:
                 count, in_segment = count + 1, 0
             segment_of[node] = count - 1
             in_segment += 1
             recent.append(f"{node.target} {_describe(node.meta.get('val'))}".encode())
-            if node in frees_storage or (
+            ends = node in frees_storage and not (starts and _read_soon_after(node))
+            if ends or (
                     min_ops_per_segment is not None and in_segment >= min_ops_per_segment
                     and zlib.crc32(b"|".join(recent)) % CONTENT_SPACING == 0):
                 in_segment = ops_per_segment  # the next op starts a segment
@@ -369,7 +372,7 @@ def _values_that_free_storage(graph: fx.Graph) -> dict[fx.Node, list[list[fx.Nod
     VGG19's least-budget backward (channels-last) the mask of a recomputed ReLU was written with
     the ReLU, before the convolution's backward that reads the ReLU, 196 MiB above the plan at
     its peak (H200). So each of these values that frees a storage its own segment computes and
-    reads before it starts a segment too (``_read_before_in_segment``). Storages of
+    reads before it starts a segment instead (``_read_before_in_segment``). Storages of
     placeholders and of returned values are held by the caller and never freed here.
     """
     storage_of: dict[fx.Node, StorageWeakRef] = {}
@@ -409,6 +412,21 @@ def _read_before_in_segment(node: fx.Node, storages: list[list[fx.Node]],
     return any(segment_of.get(values[0]) == segment and any(
         user is not node and user not in values and segment_of.get(user) == segment
         for value in values for user in value.users) for values in storages)
+
+
+def _read_soon_after(node: fx.Node) -> bool:
+    """Whether an op reads ``node`` before the ops after it allocate more than it holds (as a
+    ReLU's mask is read by a ``where`` after its scalar): inductor may compute it in that op's
+    kernel without holding what it frees across anything larger."""
+    held, allocated, after = node.meta["val"].untyped_storage().nbytes(), 0, node.next
+    while after.op == "call_function" and after not in node.users:
+        allocated += sum(value.untyped_storage().nbytes()
+                         for value in pytree.tree_leaves(after.meta.get("val"))
+                         if isinstance(value, torch.Tensor))
+        if allocated > held:
+            return False
+        after = after.next
+    return after in node.users
 
 
 def _writes_input(node: fx.Node) -> bool:

@@ -148,6 +148,20 @@ def recompute_then_mask(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Te
     return y, mask
 
 
+def recompute_then_masked_gradient(x: torch.Tensor, weight: torch.Tensor,
+                                   gradient: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    y, mask = recompute_then_mask(x, weight)
+    return y, gradient * mask  # the op right after the mask reads it
+
+
+def test_a_segment_started_by_such_a_value_goes_on_into_the_op_that_reads_it():
+    graph, members = segments_of(recompute_then_masked_gradient, torch.randn(16, 16),
+                                 torch.randn(16, 4), torch.randn(16, 16))
+    names = {n.target: n.name for n in graph.graph.nodes}
+    mask, product = names[torch.ops.aten.le.Scalar], names[torch.ops.aten.mul.Tensor]
+    assert [mask, product] in members, members
+
+
 def test_a_value_that_frees_what_its_segment_computed_and_read_starts_a_segment():
     """``mask`` frees ``recomputed``, which its segment computed and the product read: it starts
     a segment, so that inductor cannot write it with ``recomputed`` in one kernel, before the
