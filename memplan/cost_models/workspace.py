@@ -6,14 +6,15 @@ convolutions their workspaces, ``_softmax_backward_data`` a temporary as large a
 distinct call (op, shapes, strides, dtypes, arguments) runs once on the real device with random
 inputs, and its workspace is the peak it reached beyond its inputs and new outputs. Random ops
 are left out (running one would advance the generator eager draws from), and so are views and
-dropout replays (they set the generator from their argument). In a graph inductor compiles, so
-are the ops it lowers to kernels of its own (``_generated_by_inductor``): those take at most
-small buffers, where the ATen kernels, run as they are, can take much. (A few such lowerings
-still call ATen for some arguments, as sort does over a long dimension; their scratch memory is
-then not counted.) On an H200 VGG19's low-memory
-max-pooling prims measured 2.6 GiB and set its least compiled budget at 4.9 GiB instead of 3.5;
-a BatchNorm's ``var_mean`` over a channels-last ResNet-50 activation measured 528 MiB and put
-its least-budget plan's prediction 22% above its measured peak.
+dropout replays (they set the generator from their argument).
+
+In a graph inductor compiles, so are the ops it lowers to kernels of its own
+(``_generated_by_inductor``): those take at most small buffers, where the ATen kernels, run as
+they are, can take much. On an H200 VGG19's low-memory max-pooling prims measured 2.6 GiB and
+set its least compiled budget at 4.9 GiB instead of 3.5; a BatchNorm's ``var_mean`` over a
+channels-last ResNet-50 activation measured 528 MiB and put its least-budget plan's prediction
+22% above its measured peak. A few such lowerings still call ATen for some arguments, as sort
+does over a long dimension; their scratch memory is then not counted.
 """
 
 from __future__ import annotations
