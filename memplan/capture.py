@@ -31,6 +31,7 @@ from memplan.cost_models.workspace import measure_workspaces
 from memplan.errors import CaptureError
 from memplan.executor import boxed
 from memplan.inductor import compile_with_inductor
+from memplan.passes.backward_reads import compute_masks_in_forward, read_shapes_only
 from memplan.passes.buffer_updates import (free_backward_of_running_stats,
                                            recompute_without_running_stats, update_buffers_in_place)
 from memplan.passes.causal_attention import use_causal_attention
@@ -397,6 +398,9 @@ def make_partition(planner: Planner, result: dict[str, Any], *, device: torch.de
         # inductor has no lowering of native_dropout_backward: it is given the decomposition
         recompute_dropout_from_mask(joint, decomposed=not eager)
         replay_dropout_masks(joint)
+        if not eager:  # inductor's lowerings and decompositions make these reads separable
+            read_shapes_only(joint)
+            compute_masks_in_forward(joint)
         with _disable_current_modes():  # aot_autograd partitions under FakeTensorMode
             use_causal_attention(joint)
             workspaces = measure_workspaces(joint, device, compiled=not eager)

@@ -114,11 +114,44 @@ def test_compiled_path_traces_max_pooling_backward_whole():
     case = Case(model.to(memory_format=torch.channels_last),
                 (torch.randn(4, 3, 16, 16).contiguous(memory_format=torch.channels_last),))
     eager = eager_twin(case)
-    plan = memplan.optimize(case.model, 1.0, example_inputs=case.args, method="sqrt", compile=True)
+    plan = memplan.optimize(case.model, "1GB", example_inputs=case.args, method="sqrt",
+                            compile=True)
     ops = {node.op for node in plan._result().graph.nodes}
     assert "aten.max_pool2d_with_indices_backward.default" in ops
     assert not any(op.startswith("aten.scatter") for op in ops)
     assert_steps_match(plan.module, case, eager)
+
+
+def test_compiled_plan_saves_the_mask_of_a_relu_that_only_max_pooling_reads():
+    """VGG's pattern: a ReLU read by a convolution, then a ReLU read by a max-pooling. Backward
+    needs the first ReLU's output (the next convolution's weight gradient reads it), but of the
+    second only its sign and its shape. Recomputing nothing, the plan saves the first ReLU's
+    output and the second's mask, a quarter of its bytes, and its steps equal eager's."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.MaxPool2d(2), torch.nn.Conv2d(8, 8, 3),
+                                torch.nn.Flatten(), torch.nn.Linear(8 * 6 * 6, 4))
+    case = Case(model.to(memory_format=torch.channels_last),
+                (torch.randn(4, 3, 16, 16).contiguous(memory_format=torch.channels_last),))
+    eager = eager_twin(case)
+    plan = memplan.optimize(case.model, 1.0, example_inputs=case.args, method="none", compile=True)
+    graph = plan._result().graph
+    relus = [n.name for n in graph.nodes if n.op == "aten.relu.default"]
+    masks = [n.name for n in graph.nodes_of(Phase.FORWARD) if n.op == "aten.le.Scalar"]
+    assert len(relus) == 2 and len(masks) == 1
+    assert graph.ancestors([masks[0]]) >= {relus[1]}
+    assert relus[0] in plan.program.saved and relus[1] not in plan.program.saved
+    assert masks[0] in plan.program.saved
+    pooling = next(n for n in graph.nodes if n.op == "aten.max_pool2d_with_indices_backward.default")
+    assert relus[1] not in pooling.inputs
+    assert_steps_match(plan.module, case, eager)
+    with pytest.raises(memplan.InfeasibleBudgetError) as refusal:
+        memplan.optimize(case.model, 1, example_inputs=case.args, compile=True)
+    least = memplan.optimize(case.model, refusal.value.minimum_bytes, example_inputs=case.args,
+                             compile=True)
+    assert least.program.recomputed
+    assert_steps_match(least.module, case, eager)
 
 
 def test_repeated_layers_share_compiled_segments(monkeypatch):
@@ -135,7 +168,8 @@ def test_repeated_layers_share_compiled_segments(monkeypatch):
     monkeypatch.setattr(memplan.inductor, "OPS_PER_SEGMENT", 5)
     monkeypatch.setattr(memplan.inductor, "_segment_key",
                         lambda *args: keys.append(segment_key(*args)) or keys[-1])
-    plan = memplan.optimize(case.model, 1.0, example_inputs=case.args, method="sqrt", compile=True)
+    plan = memplan.optimize(case.model, "1GB", example_inputs=case.args, method="sqrt",
+                            compile=True)
     assert plan.program.recomputed
     assert len(set(keys)) < len(keys) / 2, f"{len(set(keys))} compilations for {len(keys)} segments"
     assert_steps_match(plan.module, case, eager)
@@ -148,7 +182,8 @@ def test_compiled_step_updates_buffers_inside_its_graphs():
     from torch.profiler import ProfilerActivity, profile
 
     case = build("mlp")
-    plan = memplan.optimize(case.model, 1.0, example_inputs=case.args, method="sqrt", compile=True)
+    plan = memplan.optimize(case.model, "1GB", example_inputs=case.args, method="sqrt",
+                            compile=True)
     assert sum(node.mutated for node in plan._result().graph.nodes) == 3 * 4  # 4 BatchNorm1d
     run_step(plan.module, case, 101)
     with profile(activities=[ProfilerActivity.CPU]) as prof:

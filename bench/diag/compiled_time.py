@@ -12,7 +12,8 @@ shares the host with a compile.
 CONFIG is ``eager``, ``torch.compile[:BUDGET]`` (activation_memory_budget, default 1.0),
 ``memplan:BUDGET`` (memplan eager), ``compiled:BUDGET[:OPS[:METHOD]]`` (memplan compiled; BUDGET may
 be ``none`` for method="none", OPS is ops per segment or ``whole``) or ``graphed:...`` (the same,
-replayed as CUDA graphs). ``--out`` receives the
+replayed as CUDA graphs). The row ends with the first step's peak, which compiles the backward
+(and, graphed, warms up and captures). ``--out`` receives the
 kernels' names, times and counts as JSON, for comparing two configurations. ``--check``
 first runs one step of the model in eager PyTorch and one of the configuration from the same
 random state, and prints how far the loss and gradients differ (dropout masks drawn otherwise
@@ -157,7 +158,8 @@ def main() -> None:
           f"| {ms:.1f} | {kernel_ms:.1f} | {launches} | {ms - kernel_ms:.1f} "
           f"| {facts.get('budget_gib', float('nan')):.3f} "
           f"| {facts.get('predicted_ms', float('nan')):.1f} | {facts['plan_compile_s']} "
-          f"| {facts.get('method', '')} | {facts.get('check', '')} |", flush=True)
+          f"| {facts.get('method', '')} | {facts.get('first_step_peak', 0) / 2**30:.3f} "
+          f"| {facts.get('check', '')} |", flush=True)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         name = args.config.replace(":", "_").replace("%", "pct")

@@ -1,0 +1,115 @@
+"""Make what backward reads of a forward value small, as inductor's own partitioner does.
+
+Two rewrites of the joint graph that inductor compiles. Without them a plan chooses only among
+whole forward values: it keeps a ReLU's output (or recomputes it, convolution and all) where
+backward needs only the output's sign, or only its shape.
+
+- Max-pooling's backward reads its input for its shape alone: inductor's lowering loads the
+  gradient and the indices, and takes the input's size and strides. It is given a stand-in of
+  that size which holds one number (``read_shapes_only``).
+- A backward computation that reads one forward value and nothing else, when it is all that
+  backward reads of that value and its result is smaller (a ReLU's mask: one byte per element of
+  a four-byte value), moves into the forward (``compute_masks_in_forward``). It becomes a forward
+  value like any other: the plan may save the mask in place of the value, or compute it in
+  backward as before.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+aten = torch.ops.aten
+
+_BACKWARD_TAG = "partitioner_tag"  # aot_autograd's mark on nodes the joint trace made for backward
+
+
+def _is_backward(node: fx.Node) -> bool:
+    return node.meta.get(_BACKWARD_TAG) == "is_backward"
+
+
+def _nbytes(node: fx.Node) -> int:
+    value = node.meta["val"]
+    return value.untyped_storage().nbytes() if isinstance(value, torch.Tensor) else 0
+
+
+def read_shapes_only(joint: fx.GraphModule) -> int:
+    """Give each max-pooling backward a one-number stand-in of its input; returns how many.
+
+    Left as they are: dilated poolings, for which inductor calls ATen's kernel, whose output
+    takes the input's memory format."""
+    rewritten = 0
+    graph = joint.graph
+    for node in list(graph.find_nodes(op="call_function",
+                                      target=aten.max_pool2d_with_indices_backward.default)):
+        source, dilation = node.args[1], node.args[5]
+        if any(d != 1 for d in ([dilation] if isinstance(dilation, int) else dilation)):
+            continue
+        value = source.meta["val"]
+        with graph.inserting_before(node):
+            number = graph.call_function(aten.full.default, ([], 0),
+                                         {"dtype": value.dtype, "device": value.device})
+            stand_in = graph.call_function(aten.expand.default, (number, list(value.shape)))
+        with value.fake_mode:
+            number.meta["val"] = torch.full([], 0, dtype=value.dtype, device=value.device)
+            stand_in.meta["val"] = number.meta["val"].expand(value.shape)
+        for new in (number, stand_in):
+            new.meta[_BACKWARD_TAG] = "is_backward"
+        node.replace_input_with(source, stand_in)
+        rewritten += 1
+    return rewritten
+
+
+def compute_masks_in_forward(joint: fx.GraphModule) -> int:
+    """Move small computations of one forward value from backward into the forward, after the
+    value (see the module's docstring); returns how many values they read."""
+    graph = joint.graph
+    tangent_dependent: set[fx.Node] = set()
+    for node in graph.nodes:
+        if (node.op == "placeholder" and node.name.startswith("tangents")) or any(
+                i in tangent_dependent for i in node.all_input_nodes):
+            tangent_dependent.add(node)
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    moved = 0
+    for value in list(graph.nodes):
+        if (value.op != "call_function" or _is_view(value) or _is_backward(value)
+                or value in tangent_dependent):
+            continue
+        chain = _backward_computation_of(value, tangent_dependent)
+        if not chain or sum(_nbytes(n) for n in chain if not _is_view(n)) >= _nbytes(value):
+            continue
+        read = {i for n in chain for i in n.all_input_nodes if i not in chain}
+        anchor = max(read, key=order.__getitem__)
+        for node in sorted(chain, key=order.__getitem__):  # each after what it reads
+            anchor.append(node)
+            anchor = node
+            del node.meta[_BACKWARD_TAG]
+        moved += 1
+    return moved
+
+
+def _is_view(node: fx.Node) -> bool:
+    return isinstance(node.target, torch._ops.OpOverload) and node.target.is_view
+
+
+def _backward_computation_of(value: fx.Node, tangent_dependent: set[fx.Node]) -> set[fx.Node]:
+    """The backward nodes that read ``value`` or its views, if each of them is elementwise or a
+    view, depends on no tangent and reads nothing else; otherwise nothing."""
+    views: set[fx.Node] = set()
+    readers: set[fx.Node] = set()
+    stack = list(value.users)
+    while stack:
+        node = stack.pop()
+        if _is_backward(node) or node in tangent_dependent:
+            readers.add(node)
+        if _is_view(node) and node not in views:
+            views.add(node)
+            stack.extend(node.users)
+    for node in readers:
+        if node in tangent_dependent or not (
+                _is_view(node) or torch.Tag.pointwise in getattr(node.target, "tags", ())):
+            return set()
+        if any(i is not value and i not in views and i not in readers
+               for i in node.all_input_nodes):
+            return set()
+    return readers
