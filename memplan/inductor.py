@@ -375,24 +375,21 @@ def _values_that_free_storage(graph: fx.Graph) -> dict[fx.Node, list[list[fx.Nod
     reads before it starts a segment instead (``_read_before_in_segment``). Storages of
     placeholders and of returned values are held by the caller and never freed here.
     """
-    storage_of: dict[fx.Node, StorageWeakRef] = {}
-    values_of: dict[StorageWeakRef, list[fx.Node]] = collections.defaultdict(list)
-    nbytes: dict[StorageWeakRef, int] = {}
-    for node in graph.nodes:
-        value = node.meta.get("val")
-        if isinstance(value, torch.Tensor):
-            storage_of[node] = StorageWeakRef(value.untyped_storage())
-            values_of[storage_of[node]].append(node)
-            nbytes[storage_of[node]] = value.untyped_storage().nbytes()
+    storage_of = _storages(graph)
+    values_of: dict[fx.Node, list[fx.Node]] = collections.defaultdict(list)
+    nbytes: dict[fx.Node, int] = {}
+    for node, storage in storage_of.items():
+        values_of[storage].append(node)
+        nbytes[storage] = node.meta["val"].untyped_storage().nbytes()
     held = {storage_of.get(node) for node in (*graph.find_nodes(op="placeholder"),
                                                *graph.output_node().all_input_nodes)}
-    last_reader: dict[StorageWeakRef, fx.Node] = {}
+    last_reader: dict[fx.Node, fx.Node] = {}
     for node in graph.nodes:
         if node.op == "call_function":
             for value in node.all_input_nodes:
                 if value in storage_of:
                     last_reader[storage_of[value]] = node
-    freed: dict[fx.Node, list[StorageWeakRef]] = {}
+    freed: dict[fx.Node, list[fx.Node]] = {}
     for storage, node in last_reader.items():
         if storage not in held:
             freed.setdefault(node, []).append(storage)
@@ -401,6 +398,29 @@ def _values_that_free_storage(graph: fx.Graph) -> dict[fx.Node, list[list[fx.Nod
             if node in storage_of and not _writes_input(node)
             and not getattr(node.target, "is_view", False)
             and sum(nbytes[storage] for storage in storages) > 2 * nbytes[storage_of[node]]}
+
+
+def _storages(graph: fx.Graph) -> dict[fx.Node, fx.Node]:
+    """Each tensor value's storage, named by the node that computes it. A recomputed value
+    shares its traced value, and so its traced storage, with every other computation of it (the
+    backward graph copies the node): a value refers to an earlier value's storage only if it
+    reads it, as a view does."""
+    current: dict[StorageWeakRef, fx.Node] = {}
+    storage_of: dict[fx.Node, fx.Node] = {}
+    for node in graph.nodes:
+        value = node.meta.get("val")
+        if not isinstance(value, torch.Tensor):
+            continue
+        storage = StorageWeakRef(value.untyped_storage())
+        read = [j for i in node.all_input_nodes  # a piece of a multi-output op: what it read
+                for j in (i.all_input_nodes if node.target is operator.getitem else [i])]
+        if storage not in current or not any(
+                StorageWeakRef(t.untyped_storage()) == storage
+                for i in read for t in pytree.tree_leaves(i.meta.get("val"))
+                if isinstance(t, torch.Tensor)):
+            current[storage] = node
+        storage_of[node] = current[storage]
+    return storage_of
 
 
 def _read_before_in_segment(node: fx.Node, storages: list[list[fx.Node]],

@@ -61,7 +61,7 @@ def test_optimize_compile_matches_eager(name):
 def test_torch_compile_backend_matches_eager():
     case = build("mlp")
     eager = eager_twin(case)
-    memplan_backend = memplan.backend(1.0, method="sqrt")
+    memplan_backend = memplan.backend("1GB", method="sqrt")
     compiled = torch.compile(case.model, backend=memplan_backend, fullgraph=True)
     assert_steps_match(compiled, case, eager)
     assert [plan.chosen.method for plan in memplan_backend.plans] == ["sqrt"]

@@ -107,12 +107,14 @@ def test_a_buffer_write_joins_the_segment_of_its_value():
     assert writer < len(members) - 1, "the write should not wait for the last segment"
 
 
-def segments_of(function, *inputs: torch.Tensor,
-                ops_per_segment: int = 100) -> tuple[torch.fx.GraphModule, list[list[str]]]:
+def segments_of(function, *inputs: torch.Tensor, ops_per_segment: int = 100,
+                rewrite=lambda graph: None) -> tuple[torch.fx.GraphModule, list[list[str]]]:
     """``function``'s graph, and the op names of each segment it is cut into,
     after checking that the segments compute what ``function`` does. Traced on fake tensors,
-    as aot_autograd's graphs are: a view's value shares its base's storage."""
+    as aot_autograd's graphs are: a view's value shares its base's storage. ``rewrite`` edits
+    the traced graph first."""
     graph = make_fx(function, tracing_mode="fake")(*inputs)
+    rewrite(graph)
     members: list[list[str]] = []
 
     def compile_graph(segment: torch.fx.GraphModule, _examples):
@@ -167,6 +169,32 @@ def test_a_value_that_frees_what_its_segment_computed_and_read_starts_a_segment(
     a segment, so that inductor cannot write it with ``recomputed`` in one kernel, before the
     product, while ``recomputed`` is still held (as a recomputed ReLU's mask in VGG19)."""
     graph, members = segments_of(recompute_then_mask, torch.randn(16, 16), torch.randn(16, 4))
+    mask = next(n.name for n in graph.graph.nodes if n.target is torch.ops.aten.le.Scalar)
+    assert [mask] in members, f"the mask should be a segment of its own: {members}"
+
+
+def recomputed_twice_then_mask(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    earlier = (x * 2).relu()  # a recomputation in the segment before, which the sum ends
+    total = earlier.sum()
+    again = (x * 2).relu()  # the same value recomputed
+    return total, again @ weight, again <= 0
+
+
+def share_traced_values(graph: torch.fx.GraphModule) -> None:
+    """Give the second computation of each op the first one's traced value, as the backward
+    graph does, whose recomputations are copies of one node."""
+    for op in (torch.ops.aten.mul.Tensor, torch.ops.aten.relu.default):
+        first, second = graph.graph.find_nodes(op="call_function", target=op)
+        second.meta["val"] = first.meta["val"]
+
+
+def test_a_value_recomputed_twice_is_freed_by_its_own_segment():
+    """The mask frees the second computation of ``(x * 2).relu()``, which its segment computed
+    and the product read: it starts a segment, though the first computation, which has the same
+    traced storage, was in the segment before."""
+    graph, members = segments_of(recomputed_twice_then_mask, torch.randn(16, 16),
+                                 torch.randn(16, 4), ops_per_segment=4,
+                                 rewrite=share_traced_values)
     mask = next(n.name for n in graph.graph.nodes if n.target is torch.ops.aten.le.Scalar)
     assert [mask] in members, f"the mask should be a segment of its own: {members}"
 
