@@ -150,18 +150,25 @@ def save_more(graph: JointGraph, program: Program, names: Iterable[str]) -> Prog
     larger saved set would recompute everything once. Recomputations that only the saved
     values needed are dropped, and so are saved values no step reads any more."""
     names = set(names)
-    saved = set(program.saved) | names
-    wanted: set[str] = set()
-    backward: list[str] = []
-    for name in reversed(program.backward):  # a recomputation lives if a later step reads it
-        node = graph[name]
-        if node.phase is Phase.FORWARD and (name in names or name not in wanted):
-            continue
-        wanted.discard(name)
-        backward.append(name)
-        wanted.update(node.inputs)
+    backward = read_recomputations(graph, [n for n in program.backward if n not in names])
     read = {i for name in backward for i in graph[name].inputs}
-    saved = frozenset(name for name in saved if name in read)
+    saved = frozenset(name for name in set(program.saved) | names if name in read)
     return Program(forward=forward_order(graph, saved),
                    saved=tuple(sorted(saved, key=graph.index.__getitem__)),
-                   backward=tuple(reversed(backward)))
+                   backward=backward)
+
+
+def read_recomputations(graph: JointGraph, backward: Iterable[str]) -> tuple[str, ...]:
+    """``backward`` without the recomputations that no later step reads before the value is
+    computed again: a multi-level schedule rebuilds a cut whole, though its next level may need
+    only part of it."""
+    wanted: set[str] = set()
+    kept: list[str] = []
+    for name in reversed(list(backward)):  # a recomputation lives if a later step reads it
+        node = graph[name]
+        if node.phase is Phase.FORWARD and name not in wanted:
+            continue
+        wanted.discard(name)
+        kept.append(name)
+        wanted.update(node.inputs)
+    return tuple(reversed(kept))

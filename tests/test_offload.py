@@ -231,7 +231,7 @@ def test_the_torch_compile_backend_offloads(monkeypatch, copies):
     monkeypatch.setattr(sys.modules["memplan.backend"], "host_link", lambda device: FAST_LINK)
     case = build("mlp")
     eager = eager_twin(case)
-    memplan_backend = memplan.backend(0.85, offload=True)
+    memplan_backend = memplan.backend(0.95, offload=True)
     compiled = torch.compile(case.model, backend=memplan_backend, fullgraph=True)
     case.model.eval()
     with torch.no_grad():  # an inference graph: compiled, nothing planned, nothing copied

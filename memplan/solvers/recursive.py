@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Iterable, Union
 
 from memplan.graph import JointGraph, Phase
-from memplan.program import Program, forward_order
+from memplan.program import Program, forward_order, read_recomputations
 from memplan.solvers.segments import Cuts
 
 
@@ -149,9 +149,13 @@ class _Emitter:
 
 def emit(graph: JointGraph, stages: Stages, tree: Tree, saved: frozenset[str],
          recomputed: list[str]) -> Program:
-    """The program that saves ``saved`` and backpropagates the stages as ``tree`` says."""
+    """The program that saves ``saved`` (what backward still reads of it) and backpropagates
+    the stages as ``tree`` says."""
     emitter = _Emitter(graph, stages, saved, recomputed)
     emitter.run(tree, set())
+    backward = read_recomputations(graph, emitter.order)
+    read = {i for name in backward for i in graph[name].inputs}
+    saved = frozenset(name for name in saved if name in read)
     return Program(forward=forward_order(graph, saved),
                    saved=tuple(sorted(saved, key=graph.index.__getitem__)),
-                   backward=tuple(emitter.order))
+                   backward=backward)
