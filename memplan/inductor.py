@@ -11,7 +11,8 @@ last segment that reads it, as the plan has it. The copies of offloaded values
 (``memplan.passes.offload``) are segments of their own, run as they are: on the GPT-2 medium
 step planned at 6.8 GiB on an H200, 96 of them each way ran beside compute, and the step took
 453 ms against torch.compile's 472-534 ms (bench/results/offload_h200.md). Within a segment
-inductor may still hold a value longer than planned; four ways it did so are closed:
+inductor may still hold a value longer than planned, or allocate what the plan does not know of;
+five ways it did so are closed:
 
 - A value whose computation frees a storage much larger than itself ends its segment, so that
   inductor computes it, and frees that storage, where the plan has it
@@ -27,6 +28,12 @@ inductor may still hold a value longer than planned; four ways it did so are clo
 - On CUDA, inductor's layout optimisation is off: it gave convolutions channels-last inputs,
   copying a concatenation while the original was still alive, a copy the plan does not know of.
   On the CPU, where mkldnn convolutions want channels-last, it is left on.
+- On CUDA, pointwise kernels are not autotuned. At its first call inductor benchmarks each
+  kernel's configurations on clones of the buffers it writes in place, and in a forward graph it
+  clones whatever the memory: ResNet-50's least graphed plan (channels-last, H200, fresh caches)
+  peaked at 1.638 GiB in its first step, over its 1.598 GiB budget, and at 1.538 GiB without
+  pointwise autotuning, as in a step with the tuning cached, for the same step time (27.2 ms
+  against 27.6; bench/results/anchors_cnn_h200.md).
 - On CUDA, each segment returns its values with the strides the plan traced them with, as
   inductor returns a model's own outputs (``_keep_planned_strides``). Inductor otherwise
   chooses the strides of what it returns, and later segments follow them: DenseNet-BC-100's
@@ -107,7 +114,7 @@ CONTENT_CUT_OPS = 8
 CONTENT_WINDOW = 4
 CONTENT_SPACING = 8
 # Inductor options on CUDA only; the module docstring says why.
-CUDA_OPTIONS = {"layout_optimization": False}
+CUDA_OPTIONS = {"layout_optimization": False, "triton.autotune_pointwise": False}
 # Ops traced as they are rather than decomposed: inductor lowers them itself. Recent torch
 # decomposes max-pooling's backward into a scatter-add over a zeros buffer, after copying a
 # channels-last gradient and its int64 indices to reshape them: temporaries the plan would count
