@@ -31,7 +31,8 @@ from memplan.cost_models.workspace import measure_workspaces
 from memplan.errors import CaptureError
 from memplan.executor import boxed
 from memplan.inductor import compile_with_inductor
-from memplan.passes.backward_reads import compute_masks_in_forward, read_shapes_only
+from memplan.passes.backward_reads import (compute_masks_in_forward, read_shapes_only,
+                                           tangent_dependent)
 from memplan.passes.buffer_updates import (free_backward_of_running_stats,
                                            recompute_without_running_stats, update_buffers_in_place)
 from memplan.passes.causal_attention import use_causal_attention
@@ -354,18 +355,14 @@ def _phases(joint: fx.GraphModule, forward_outputs: set[fx.Node]) -> dict[fx.Nod
     Joint-graph passes (inductor's CSE, decompositions) can leave a node tagged backward that a
     forward value needs; such a node runs in the forward."""
     phases: dict[fx.Node, Phase] = {}
-    tangent_dependent: set[fx.Node] = set()
-    for node in joint.graph.nodes:
-        if (node.op == "placeholder" and node.name.startswith("tangents")) or any(
-                i in tangent_dependent for i in node.all_input_nodes):
-            tangent_dependent.add(node)
+    dependent = tangent_dependent(joint.graph)
     for node in reversed(joint.graph.nodes):
         if node.op in ("placeholder", "output"):
             continue
         tagged = node.meta.get("partitioner_tag") == "is_backward"
         feeds_forward = node in forward_outputs or any(
             phases.get(u) is Phase.FORWARD for u in node.users)
-        backward = node in tangent_dependent or (tagged and not feeds_forward)
+        backward = node in dependent or (tagged and not feeds_forward)
         phases[node] = Phase.BACKWARD if backward else Phase.FORWARD
     return phases
 

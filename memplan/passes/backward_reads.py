@@ -24,6 +24,16 @@ aten = torch.ops.aten
 _BACKWARD_TAG = "partitioner_tag"  # aot_autograd's mark on nodes the joint trace made for backward
 
 
+def tangent_dependent(graph: fx.Graph) -> set[fx.Node]:
+    """The tangents and every node that reads one, directly or not."""
+    dependent: set[fx.Node] = set()
+    for node in graph.nodes:
+        if (node.op == "placeholder" and node.name.startswith("tangents")) or any(
+                i in dependent for i in node.all_input_nodes):
+            dependent.add(node)
+    return dependent
+
+
 def _is_backward(node: fx.Node) -> bool:
     return node.meta.get(_BACKWARD_TAG) == "is_backward"
 
@@ -64,18 +74,14 @@ def compute_masks_in_forward(joint: fx.GraphModule) -> int:
     """Move small computations of one forward value from backward into the forward, after the
     value (see the module's docstring); returns how many values they read."""
     graph = joint.graph
-    tangent_dependent: set[fx.Node] = set()
-    for node in graph.nodes:
-        if (node.op == "placeholder" and node.name.startswith("tangents")) or any(
-                i in tangent_dependent for i in node.all_input_nodes):
-            tangent_dependent.add(node)
+    dependent = tangent_dependent(graph)
     order = {node: i for i, node in enumerate(graph.nodes)}
     moved = 0
     for value in list(graph.nodes):
         if (value.op != "call_function" or _is_view(value) or _is_backward(value)
-                or value in tangent_dependent):
+                or value in dependent):
             continue
-        chain = _backward_computation_of(value, tangent_dependent)
+        chain = _backward_computation_of(value, dependent)
         if not chain or sum(_nbytes(n) for n in chain if not _is_view(n)) >= _nbytes(value):
             continue
         read = {i for n in chain for i in n.all_input_nodes if i not in chain}
