@@ -348,7 +348,9 @@ def _pass_shapes_not_values(graph: fx.Graph) -> None:
     convolution output, the input of an ``avg_pool2d_backward``, across the convolution backward
     after it, and set the step's peak (H200, bench/results/segment_peaks_h200.md). Inductor
     drops the empty tensor, which no kernel reads, and the value is freed by the segment that
-    last reads its data.
+    last reads its data. The joint graph already gives most 2-d poolings a one-number stand-in
+    (``memplan.passes.backward_reads``), so that the plan need not keep the value either; this
+    covers the others.
     """
     for op, index in _SHAPE_ONLY_ARGUMENTS.items():
         for node in graph.find_nodes(op="call_function", target=op):

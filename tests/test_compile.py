@@ -154,6 +154,23 @@ def test_compiled_plan_saves_the_mask_of_a_relu_that_only_max_pooling_reads():
     assert_steps_match(least.module, case, eager)
 
 
+def test_compiled_plan_does_not_keep_what_average_pooling_reads_for_its_shape():
+    """A DenseNet transition ends in a convolution and an average pooling, whose backward reads
+    the convolution's output for its shape alone: recomputing nothing, the plan does not save
+    it, and the steps equal eager's."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(8, 8, 1), torch.nn.AvgPool2d(2),
+                                torch.nn.Flatten(), torch.nn.Linear(8 * 8 * 8, 4))
+    case = Case(model, (torch.randn(4, 3, 16, 16),))
+    eager = eager_twin(case)
+    plan = memplan.optimize(case.model, 1.0, example_inputs=case.args, method="none", compile=True)
+    graph = plan._result().graph
+    transition = [n.name for n in graph.nodes if n.op == "aten.convolution.default"][1]
+    assert transition not in plan.program.saved
+    assert_steps_match(plan.module, case, eager)
+
+
 def test_repeated_layers_share_compiled_segments(monkeypatch):
     """Six identical Linear-BatchNorm-ReLU layers, in segments of five ops that fall alike on
     each: most segments reuse an earlier one's compilation, with their own weights and

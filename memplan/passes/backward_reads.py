@@ -4,9 +4,11 @@ Two rewrites of the joint graph that inductor compiles. Without them a plan choo
 whole forward values: it keeps a ReLU's output (or recomputes it, convolution and all) where
 backward needs only the output's sign, or only its shape.
 
-- Max-pooling's backward reads its input for its shape alone: inductor's lowering loads the
-  gradient and the indices, and takes the input's size and strides. It is given a stand-in of
-  that size which holds one number (``read_shapes_only``).
+- Pooling's backward reads its input for its shape alone: inductor's lowering loads the
+  gradient (and max-pooling's indices), and takes the input's size and strides. It is given a
+  stand-in of that size which holds one number (``read_shapes_only``). Inductor would not hold
+  the input for it (``memplan.inductor._pass_shapes_not_values``), but the plan would still
+  keep or recompute it: a DenseNet transition's convolution output, a VGG block's last ReLU.
 - A backward computation that reads one forward value and nothing else, when it is all that
   backward reads of that value and its result is smaller (a ReLU's mask: one byte per element of
   a four-byte value), moves into the forward (``compute_masks_in_forward``). It becomes a forward
@@ -44,17 +46,15 @@ def _nbytes(node: fx.Node) -> int:
 
 
 def read_shapes_only(joint: fx.GraphModule) -> int:
-    """Give each max-pooling backward a one-number stand-in of its input; returns how many.
-
-    Left as they are: dilated poolings, for which inductor calls ATen's kernel, whose output
-    takes the input's memory format."""
+    """Give each pooling backward a one-number stand-in of its input; returns how many."""
     rewritten = 0
     graph = joint.graph
-    for node in list(graph.find_nodes(op="call_function",
-                                      target=aten.max_pool2d_with_indices_backward.default)):
-        source, dilation = node.args[1], node.args[5]
-        if any(d != 1 for d in ([dilation] if isinstance(dilation, int) else dilation)):
+    for node in [*graph.find_nodes(op="call_function",
+                                   target=aten.max_pool2d_with_indices_backward.default),
+                 *graph.find_nodes(op="call_function", target=aten.avg_pool2d_backward.default)]:
+        if not _lowered_without_its_input(node):
             continue
+        source = node.args[1]
         value = source.meta["val"]
         with graph.inserting_before(node):
             number = graph.call_function(aten.full.default, ([], 0),
@@ -68,6 +68,17 @@ def read_shapes_only(joint: fx.GraphModule) -> int:
         node.replace_input_with(source, stand_in)
         rewritten += 1
     return rewritten
+
+
+def _lowered_without_its_input(node: fx.Node) -> bool:
+    """Inductor's lowering of this pooling backward takes only its input's size (and strides):
+    not a dilated max-pooling, nor an average over more than 25 elements, which it leaves to
+    ATen's kernels, whose output takes the input's memory format."""
+    if node.target is aten.max_pool2d_with_indices_backward.default:
+        dilation = node.args[5]
+        return all(d == 1 for d in ([dilation] if isinstance(dilation, int) else dilation))
+    kernel = node.args[2]
+    return kernel[0] * kernel[-1] <= 25
 
 
 def compute_masks_in_forward(joint: fx.GraphModule) -> int:
