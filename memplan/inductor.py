@@ -412,9 +412,8 @@ def _values_that_free_storage(graph: fx.Graph) -> dict[fx.Node, list[list[fx.Nod
 def _storages(graph: fx.Graph) -> dict[fx.Node, fx.Node]:
     """Each tensor value's storage, named by the node that computes it. A recomputed value
     shares its traced value, and so its traced storage, with every other computation of it (the
-    backward graph copies the node): a value refers to an earlier value's storage only if it
-    reads it, as a view does."""
-    current: dict[StorageWeakRef, fx.Node] = {}
+    backward graph copies the node): a value refers to the storage of a value it reads, as a
+    view does, or to its own."""
     storage_of: dict[fx.Node, fx.Node] = {}
     for node in graph.nodes:
         value = node.meta.get("val")
@@ -423,12 +422,8 @@ def _storages(graph: fx.Graph) -> dict[fx.Node, fx.Node]:
         storage = StorageWeakRef(value.untyped_storage())
         read = [j for i in node.all_input_nodes  # a piece of a multi-output op: what it read
                 for j in (i.all_input_nodes if node.target is operator.getitem else [i])]
-        if storage not in current or not any(
-                StorageWeakRef(t.untyped_storage()) == storage
-                for i in read for t in pytree.tree_leaves(i.meta.get("val"))
-                if isinstance(t, torch.Tensor)):
-            current[storage] = node
-        storage_of[node] = current[storage]
+        storage_of[node] = next((storage_of[i] for i in read if i in storage_of and StorageWeakRef(
+            i.meta["val"].untyped_storage()) == storage), node)
     return storage_of
 
 

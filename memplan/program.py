@@ -151,7 +151,7 @@ def save_more(graph: JointGraph, program: Program, names: Iterable[str]) -> Prog
     values needed are dropped, and so are saved values no step reads any more."""
     names = set(names)
     backward = read_recomputations(graph, [n for n in program.backward if n not in names])
-    read = {i for name in backward for i in graph[name].inputs}
+    read = {i for name in backward for i in graph[name].inputs} | set(graph.backward_outputs)
     saved = frozenset(name for name in set(program.saved) | names if name in read)
     return Program(forward=forward_order(graph, saved),
                    saved=tuple(sorted(saved, key=graph.index.__getitem__)),
@@ -162,7 +162,7 @@ def read_recomputations(graph: JointGraph, backward: Iterable[str]) -> tuple[str
     """``backward`` without the recomputations that no later step reads before the value is
     computed again: a multi-level schedule rebuilds a cut whole, though its next level may need
     only part of it."""
-    wanted: set[str] = set()
+    wanted = set(graph.backward_outputs)  # a gradient may be a forward value
     kept: list[str] = []
     for name in reversed(list(backward)):  # a recomputation lives if a later step reads it
         node = graph[name]

@@ -5,7 +5,8 @@ whole forward values: it keeps a ReLU's output (or recomputes it, convolution an
 backward needs only the output's sign, or only its shape.
 
 - Pooling's backward reads its input for its shape alone: inductor's lowering loads the
-  gradient (and max-pooling's indices), and takes the input's size and strides. It is given a
+  gradient (and max-pooling's indices), and takes the input's size (max-pooling also looks at its
+  strides, and at the gradient's, to choose a layout). It is given a
   stand-in of that size which holds one number (``read_shapes_only``). Inductor would not hold
   the input for it (``memplan.inductor._pass_shapes_not_values``), but the plan would still
   keep or recompute it: a DenseNet transition's convolution output, a VGG block's last ReLU.
@@ -71,14 +72,22 @@ def read_shapes_only(joint: fx.GraphModule) -> int:
 
 
 def _lowered_without_its_input(node: fx.Node) -> bool:
-    """Inductor's lowering of this pooling backward takes only its input's size (and strides):
-    not a dilated max-pooling, nor an average over more than 25 elements, which it leaves to
-    ATen's kernels, whose output takes the input's memory format."""
+    """Inductor's lowering of this pooling backward takes only its input's size: not a dilated
+    max-pooling, nor one whose windows overlap an output element more than 25 times, which it
+    leaves to ATen's kernels, whose output takes the input's memory format."""
+    kernel = node.args[2]
+    stride = node.args[3] or kernel
     if node.target is aten.max_pool2d_with_indices_backward.default:
         dilation = node.args[5]
-        return all(d == 1 for d in ([dilation] if isinstance(dilation, int) else dilation))
-    kernel = node.args[2]
-    return kernel[0] * kernel[-1] <= 25
+        if any(d != 1 for d in ([dilation] if isinstance(dilation, int) else dilation)):
+            return False
+    return _windows(kernel[0], stride[0]) * _windows(kernel[-1], stride[-1]) <= 25
+
+
+def _windows(kernel: int, stride: int) -> int:
+    """How many pooling windows cover one input element at most, along one dimension, as
+    inductor counts them."""
+    return max(max(h // stride - max(0, (h - kernel) // stride), 1) for h in range(2 * kernel))
 
 
 def compute_masks_in_forward(joint: fx.GraphModule) -> int:
@@ -102,6 +111,7 @@ def compute_masks_in_forward(joint: fx.GraphModule) -> int:
             anchor = node
             del node.meta[_BACKWARD_TAG]
         moved += 1
+    graph.lint()
     return moved
 
 
@@ -129,4 +139,6 @@ def _backward_computation_of(value: fx.Node, tangent_dependent: set[fx.Node]) ->
         if any(i is not value and i not in views and i not in readers
                for i in node.all_input_nodes):
             return set()
+        if any(not (_is_backward(u) or u in tangent_dependent) for u in node.users):
+            return set()  # a forward value reads it: it stays where it is
     return readers

@@ -154,7 +154,7 @@ def emit(graph: JointGraph, stages: Stages, tree: Tree, saved: frozenset[str],
     emitter = _Emitter(graph, stages, saved, recomputed)
     emitter.run(tree, set())
     backward = read_recomputations(graph, emitter.order)
-    read = {i for name in backward for i in graph[name].inputs}
+    read = {i for name in backward for i in graph[name].inputs} | set(graph.backward_outputs)
     saved = frozenset(name for name in saved if name in read)
     return Program(forward=forward_order(graph, saved),
                    saved=tuple(sorted(saved, key=graph.index.__getitem__)),
