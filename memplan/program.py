@@ -150,12 +150,18 @@ def save_more(graph: JointGraph, program: Program, names: Iterable[str]) -> Prog
     larger saved set would recompute everything once. Recomputations that only the saved
     values needed are dropped, and so are saved values no step reads any more."""
     names = set(names)
-    backward = read_recomputations(graph, [n for n in program.backward if n not in names])
+    return reading_program(graph, set(program.saved) | names,
+                           [n for n in program.backward if n not in names])
+
+
+def reading_program(graph: JointGraph, saved: Iterable[str], backward: Iterable[str]) -> Program:
+    """The program that runs ``backward`` without the recomputations no later step reads
+    (``read_recomputations``), and saves the values of ``saved`` that it still reads."""
+    backward = read_recomputations(graph, backward)
     read = {i for name in backward for i in graph[name].inputs} | set(graph.backward_outputs)
-    saved = frozenset(name for name in set(program.saved) | names if name in read)
-    return Program(forward=forward_order(graph, saved),
-                   saved=tuple(sorted(saved, key=graph.index.__getitem__)),
-                   backward=backward)
+    kept = frozenset(name for name in saved if name in read)
+    return Program(forward=forward_order(graph, kept),
+                   saved=tuple(sorted(kept, key=graph.index.__getitem__)), backward=backward)
 
 
 def read_recomputations(graph: JointGraph, backward: Iterable[str]) -> tuple[str, ...]:

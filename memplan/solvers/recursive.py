@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Iterable, Union
 
 from memplan.graph import JointGraph, Phase
-from memplan.program import Program, forward_order, read_recomputations
+from memplan.program import Program, reading_program
 from memplan.solvers.segments import Cuts
 
 
@@ -153,9 +153,4 @@ def emit(graph: JointGraph, stages: Stages, tree: Tree, saved: frozenset[str],
     the stages as ``tree`` says."""
     emitter = _Emitter(graph, stages, saved, recomputed)
     emitter.run(tree, set())
-    backward = read_recomputations(graph, emitter.order)
-    read = {i for name in backward for i in graph[name].inputs} | set(graph.backward_outputs)
-    saved = frozenset(name for name in saved if name in read)
-    return Program(forward=forward_order(graph, saved),
-                   saved=tuple(sorted(saved, key=graph.index.__getitem__)),
-                   backward=backward)
+    return reading_program(graph, saved, emitter.order)
