@@ -22,6 +22,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch._functorch.aot_autograd import aot_module_simplified
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx._lazy_graph_module import _use_lazy_graph_module
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.flop_counter import flop_registry
@@ -466,7 +467,9 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, planner: Planner,
         use_cudnn_batch_norm(graph_module, on_cudnn)
         return compile_one(graph_module, inputs)
 
-    with _recursion_limit(_DEEP_MODEL_RECURSION):
+    # Lazy graph modules write their Python code only when it is run or read: most of the
+    # graphs made on the way (the joint's, the partition's) never are.
+    with _recursion_limit(_DEEP_MODEL_RECURSION), _use_lazy_graph_module(True):
         if compile:
             run = compile_with_inductor(
                 gm, fake_inputs, partition,
