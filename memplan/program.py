@@ -156,25 +156,25 @@ def save_more(graph: JointGraph, program: Program, names: Iterable[str]) -> Prog
 
 def reading_program(graph: JointGraph, saved: Iterable[str], backward: Iterable[str]) -> Program:
     """The program that runs ``backward`` without the recomputations no later step reads
-    (``read_recomputations``), and saves the values of ``saved`` that it still reads."""
-    backward = read_recomputations(graph, backward)
-    read = {i for name in backward for i in graph[name].inputs} | set(graph.backward_outputs)
-    kept = frozenset(name for name in saved if name in read)
-    return Program(forward=forward_order(graph, kept),
-                   saved=tuple(sorted(kept, key=graph.index.__getitem__)), backward=backward)
+    before the value is computed again, and saves the values of ``saved`` that it still reads.
 
-
-def read_recomputations(graph: JointGraph, backward: Iterable[str]) -> tuple[str, ...]:
-    """``backward`` without the recomputations that no later step reads before the value is
-    computed again: a multi-level schedule rebuilds a cut whole, though its next level may need
-    only part of it."""
+    A multi-level schedule rebuilds a cut whole, though its next level may need only part of it.
+    One pass from the end, over dicts rather than ``graph[...]``: this runs for every candidate
+    program of the multi-level solvers."""
+    nodes, forward = graph.by_name, graph.forward_names
     wanted = set(graph.backward_outputs)  # a gradient may be a forward value
+    read = set(wanted)
     kept: list[str] = []
     for name in reversed(list(backward)):  # a recomputation lives if a later step reads it
-        node = graph[name]
-        if node.phase is Phase.FORWARD and name not in wanted:
+        if name in forward and name not in wanted:
             continue
         wanted.discard(name)
         kept.append(name)
-        wanted.update(node.inputs)
-    return tuple(reversed(kept))
+        inputs = nodes[name].inputs
+        wanted.update(inputs)
+        read.update(inputs)
+    kept.reverse()
+    saved_read = frozenset(name for name in saved if name in read)
+    return Program(forward=forward_order(graph, saved_read),
+                   saved=tuple(sorted(saved_read, key=graph.index.__getitem__)),
+                   backward=tuple(kept))
