@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 from torch._functorch.partitioners import _extract_fwd_bwd_modules
+from torch.fx._lazy_graph_module import _make_graph_module
 
 from memplan.errors import InternalError
 from memplan.graph import JointGraph
@@ -58,4 +59,4 @@ def _rebuild_backward(backward: fx.GraphModule, program: Program) -> fx.GraphMod
         env[old[name]] = graph.node_copy(old[name], env.__getitem__)
     graph.node_copy(backward.graph.output_node(), env.__getitem__)
     graph.lint()
-    return fx.GraphModule(backward, graph)
+    return _make_graph_module(backward, graph)  # lazy where capture asks for it
