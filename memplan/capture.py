@@ -59,7 +59,7 @@ class CapturedStep:
     run: Callable[..., Any]
     graph: JointGraph
     program: Program
-    fx_joint: fx.GraphModule  # for its graph: its code is not regenerated after the passes
+    fx_joint: fx.GraphModule  # for its graph: reading its code writes it anew, after the passes
     fx_compiled: list[fx.GraphModule]  # forward, then backward once aot_autograd compiles it
 
 
@@ -386,8 +386,8 @@ def make_partition(planner: Planner, result: dict[str, Any], *, device: torch.de
 
     What it planned is left in ``result`` (graph, program, joint). Without ``model`` (the
     torch.compile path, where inputs are fake) the device's other memory is not measured.
-    The passes rewrite the joint graph, which is never run: its Python code is not regenerated
-    after them (on ResNet-1001 each regeneration took over a second)."""
+    The passes rewrite the joint graph, which is never run: they do not regenerate its Python
+    code (on ResNet-1001 each regeneration took over a second)."""
     rounding = CUDA_ALLOCATOR_ROUNDING if device.type == "cuda" else 1
 
     def partition(joint: fx.GraphModule, _inputs: Any, *, num_fwd_outputs: int, **_: Any):

@@ -12,6 +12,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
+from torch.fx._lazy_graph_module import _LazyGraphModule
 
 from memplan.cuda_graphs import check_gradients_cleared, graphed_step
 from memplan.passes.offload import wait_for_copies
@@ -23,6 +24,7 @@ def boxed(gm: fx.GraphModule) -> Callable[[list], Any]:
     """Compile an fx graph so that it takes, and clears, a list of inputs."""
     gm.graph.set_codegen(_BoxedCodeGen())
     gm.recompile()
+    _LazyGraphModule.force_recompile(gm)  # it runs: write its code now, not in the first step
 
     def run(args: list) -> Any:
         try:
