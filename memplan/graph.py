@@ -117,6 +117,15 @@ class JointGraph:
         return frozenset(found)
 
     @cached_property
+    def unrecomputable(self) -> frozenset[str]:
+        """Values a recomputation would change: those drawn from the RNG or written back to a
+        buffer (``Node.must_save``), and those that read a buffer the step mutates, other than
+        as a state input."""
+        mutated = {node.name for node in self.nodes if node.mutated}
+        return frozenset(node.name for node in self.nodes if node.must_save or any(
+            i in mutated and i not in node.state_inputs for i in node.inputs))
+
+    @cached_property
     def read_by_backward(self) -> frozenset[str]:
         """The forward values and primals that the backward nodes computing the gradients read,
         or that are gradients themselves: where every saved set is decided."""

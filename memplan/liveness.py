@@ -14,10 +14,10 @@ Memory is counted per storage instance: a view adds nothing, a recomputation all
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import overload
+from typing import Iterable, overload
 
 from memplan.graph import Category, JointGraph, Phase
-from memplan.program import Program
+from memplan.program import Program, Transfer
 
 _Key = tuple[int, int]  # (storage id, instance: step that allocated it, or a negative tag)
 _FORWARD, _TANGENT, _RESIDENT, _FETCHED = -1, -2, -3, -4
@@ -101,12 +101,14 @@ def _keys(graph: JointGraph, name: str, instance: int, input_keys: list[tuple[_K
     return tuple(out)
 
 
-def forward_end_bytes(graph: JointGraph, program: Program) -> int:
-    """A lower bound of ``simulate(graph, program).peak_bytes``, without the simulation: the
-    bytes live as the forward ends, when every saved value and forward output is held."""
+def forward_end_bytes(graph: JointGraph, saved: Iterable[str],
+                      offloaded: Iterable[Transfer] = ()) -> int:
+    """A lower bound of the peak of every program that saves ``saved`` (``offloaded`` on the
+    host), without a simulation: the bytes live as the forward ends, when every saved value
+    and forward output is held."""
     resident = graph._primal_storages
-    offloaded = {t.name for t in program.offloaded}
-    held = {s for name in (*program.saved, *graph.forward_outputs) if name not in offloaded
+    offloaded = {t.name for t in offloaded}
+    held = {s for name in (*saved, *graph.forward_outputs) if name not in offloaded
             for s in graph[name].storages if s not in resident}
     return graph.resident_bytes + sum(graph.storages[s].nbytes for s in held)
 

@@ -59,14 +59,13 @@ def candidates(graph: JointGraph) -> list[Node]:
 
 def must_save(graph: JointGraph, node: Node) -> bool:
     """Recomputing it would change it: it is random, or it reads a buffer the step mutates."""
-    return node.must_save or any(graph[i].mutated for i in node.inputs
-                                 if i not in node.state_inputs)
+    return node.name in graph.unrecomputable
 
 
 def complete_saved_set(graph: JointGraph, keep: Iterable[str]) -> tuple[frozenset[str], list[str]]:
     """Steps 1 and 2: the saved set backward really receives, and what it recomputes."""
     keep = set(keep)
-    nodes = graph.by_name
+    nodes, unrecomputable = graph.by_name, graph.unrecomputable
     saved: set[str] = set()
     recompute: set[str] = set()
     stack = list(graph.read_by_backward)  # the backward nodes read these whatever is kept
@@ -78,7 +77,7 @@ def complete_saved_set(graph: JointGraph, keep: Iterable[str]) -> tuple[frozense
         seen.add(name)
         node = nodes[name]
         if node.phase is Phase.PRIMAL or (node.phase is Phase.FORWARD and (
-                name in keep or must_save(graph, node))):
+                name in keep or name in unrecomputable)):
             saved.add(name)
         elif node.phase is Phase.FORWARD:
             recompute.add(name)
@@ -139,6 +138,11 @@ def backward_order(graph: JointGraph, saved: frozenset[str]) -> tuple[str, ...]:
 def build_program(graph: JointGraph, keep: Iterable[str]) -> Program:
     """The single-level program: save ``keep`` (completed), recompute the rest once."""
     saved, _ = complete_saved_set(graph, keep)
+    return program_saving(graph, saved)
+
+
+def program_saving(graph: JointGraph, saved: frozenset[str]) -> Program:
+    """The single-level program of a completed saved set (``complete_saved_set``)."""
     return Program(forward=forward_order(graph, saved),
                    saved=tuple(sorted(saved, key=graph.index.__getitem__)),
                    backward=backward_order(graph, saved))
@@ -161,20 +165,20 @@ def reading_program(graph: JointGraph, saved: Iterable[str], backward: Iterable[
     A multi-level schedule rebuilds a cut whole, though its next level may need only part of it.
     One pass from the end, over dicts rather than ``graph[...]``: this runs for every candidate
     program of the multi-level solvers."""
-    nodes, forward = graph.by_name, graph.forward_names
-    wanted = set(graph.backward_outputs)  # a gradient may be a forward value
-    read = set(wanted)
+    nodes, forward, users = graph.by_name, graph.forward_names, graph.users
+    gradients = set(graph.backward_outputs)  # a gradient may be a forward value
+    wanted = set(gradients)
     kept: list[str] = []
     for name in reversed(list(backward)):  # a recomputation lives if a later step reads it
         if name in forward and name not in wanted:
             continue
         wanted.discard(name)
         kept.append(name)
-        inputs = nodes[name].inputs
-        wanted.update(inputs)
-        read.update(inputs)
+        wanted.update(nodes[name].inputs)
     kept.reverse()
-    saved_read = frozenset(name for name in saved if name in read)
+    steps = set(kept)
+    saved_read = frozenset(name for name in saved if name in gradients
+                           or any(user in steps for user in users[name]))
     return Program(forward=forward_order(graph, saved_read),
                    saved=tuple(sorted(saved_read, key=graph.index.__getitem__)),
                    backward=tuple(kept))

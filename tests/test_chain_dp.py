@@ -234,7 +234,60 @@ def test_skipping_programs_that_cannot_fit_changes_no_schedule(monkeypatch):
     assert len(simulated) - simulated_when_skipping > simulated_when_skipping, "too few skipped"
     summary = lambda s: (s.method, s.feasible, s.peak_bytes, s.recompute_s, s.program)  # noqa: E731
     assert [[summary(s) for s in row] for row in skipping] == [[summary(s) for s in row] for row in everything]
-    assert all(forward_end_bytes(graph, p) <= simulate(graph, p).peak_bytes for p in simulated)
+    assert all(forward_end_bytes(graph, p.saved) <= simulate(graph, p).peak_bytes for p in simulated)
+
+
+@pytest.mark.parametrize("name", ["densenet40", "preact_resnet29"])
+def test_programs_are_built_lazily_in_the_order_of_building_every_one(name):
+    """``in_cost_order`` yields chain-dp's programs as building every one and sorting by recompute
+    time would (ties: the earlier tree), and builds a program only once a cheaper one could not
+    exist: its bound, the time of the values its saved set leaves to recompute, is never above
+    its time. A single-level program's time is known from its saved set alone."""
+    from memplan.program import build_program, complete_saved_set
+    from memplan.solvers.base import in_cost_order, recompute_seconds, single_level_costs
+    from memplan.solvers.chain_dp import (chain_model, coarsen, emit, local_minima, make_stages,
+                                          optimal_trees, spine_keep)
+    from memplan.solvers.segments import find_cuts
+
+    case = build(name)
+    graph = memplan.optimize(case.model, "100%", example_inputs=case.args,
+                             method="none")._result().graph
+    times = for_device("cpu").times(graph)
+    config = SolverConfig(node_time_s=times)
+    cuts = find_cuts(graph)
+    boundaries = coarsen(cuts, local_minima(cuts), config.dp_stages)
+    stages = make_stages(graph, cuts, boundaries, build_program(graph, cuts.keep(boundaries)))
+    model = chain_model(graph, stages, times)
+    trees = list(dict.fromkeys(tree for slots in config.dp_slots
+                               for tree in optimal_trees(model, slots, config.dp_candidates)))
+    built: list[int] = []
+
+    def candidate(i, tree):
+        saved, recomputed = complete_saved_set(graph, spine_keep(stages, tree))
+        bound = math.fsum(times.get(n, 0.0) for n in recomputed)
+
+        def build_one():
+            built.append(i)
+            return emit(graph, stages, tree, saved, recomputed)
+        return bound, build_one
+
+    candidates = [candidate(i, tree) for i, tree in enumerate(trees)]
+    every_one = {}
+    for bound, build_one in candidates:
+        program = build_one()
+        every_one.setdefault(program, recompute_seconds(graph, program, times))
+        assert bound <= every_one[program]
+    assert len(every_one) > 5
+    built.clear()
+    lazily = in_cost_order(graph, candidates, times)
+    first_three = [next(lazily) for _ in range(3)]
+    assert len(built) < len(candidates)
+    assert first_three + list(lazily) == sorted(every_one, key=every_one.__getitem__)
+
+    keeps = [cuts.keep(boundaries[::step]) for step in (1, 2, 3, 5)]
+    costs = single_level_costs(graph, keeps, times)
+    assert list(costs.values()) == [recompute_seconds(graph, build_program(graph, keep), times)
+                                    for keep in keeps]
 
 
 def test_pointwise_recomputes_more_only_where_its_own_plan_does_not_fit():

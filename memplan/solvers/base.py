@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+import heapq
+import math
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 from memplan.graph import JointGraph, Phase
 from memplan.liveness import Timeline, forward_end_bytes, simulate
-from memplan.program import Program
+from memplan.program import Program, complete_saved_set, program_saving
 
 
 @dataclass(frozen=True)
@@ -53,8 +56,53 @@ class StepSchedule:
 
 
 def recompute_seconds(graph: JointGraph, program: Program, times: Mapping[str, float]) -> float:
+    """Exactly rounded (``fsum``), so that it is never below a bound summed from a subset."""
     forward = graph.forward_names
-    return sum(times.get(name, 0.0) for name in program.backward if name in forward)
+    return math.fsum(times.get(name, 0.0) for name in program.backward if name in forward)
+
+
+def single_level_costs(graph: JointGraph, keeps: Iterable[Iterable[str]],
+                       times: Mapping[str, float]) -> dict[frozenset[str], float]:
+    """The distinct completed saved sets of ``keeps``, in their order, with the recompute time
+    of their single-level programs, which recompute each value they do not save once: known
+    without building the programs."""
+    costs: dict[frozenset[str], float] = {}
+    for keep in keeps:
+        saved, recomputed = complete_saved_set(graph, keep)
+        costs.setdefault(saved, math.fsum(times.get(name, 0.0) for name in recomputed))
+    return costs
+
+
+def single_level_candidates(graph: JointGraph, costs: Mapping[frozenset[str], float],
+                            budget_bytes: int) -> list[tuple[float, Callable[[], Program]]]:
+    """``in_cost_order``'s candidates for the saved sets that may fit: those whose forward
+    alone does not end above the budget (``forward_end_bytes``)."""
+    return [(cost, functools.partial(program_saving, graph, saved))
+            for saved, cost in costs.items() if forward_end_bytes(graph, saved) <= budget_bytes]
+
+
+def in_cost_order(graph: JointGraph, candidates: Sequence[tuple[float, Callable[[], Program]]],
+                  times: Mapping[str, float]) -> Iterator[Program]:
+    """The distinct programs of ``candidates`` by recompute time (ties: the earliest candidate),
+    each built only when needed. A candidate is a lower bound of its program's recompute time
+    and a function that builds it: a program is yielded once every candidate whose bound is
+    not above its time has been built, so a consumer that stops at the first program that fits
+    builds few of them. Building is much of a solver's time on deep models."""
+    unbuilt = sorted(range(len(candidates)), key=lambda i: (candidates[i][0], i))
+    built: list[tuple[float, int, Program]] = []  # a heap
+    yielded: set[Program] = set()
+    next_unbuilt = 0
+    while next_unbuilt < len(unbuilt) or built:
+        while next_unbuilt < len(unbuilt) and (
+                not built or candidates[unbuilt[next_unbuilt]][0] <= built[0][0]):
+            i = unbuilt[next_unbuilt]
+            next_unbuilt += 1
+            program = candidates[i][1]()
+            heapq.heappush(built, (recompute_seconds(graph, program, times), i, program))
+        _, _, program = heapq.heappop(built)
+        if program not in yielded:
+            yielded.add(program)
+            yield program
 
 
 def evaluate(graph: JointGraph, program: Program, budget_bytes: int, *, method: str,
@@ -72,7 +120,7 @@ def evaluate(graph: JointGraph, program: Program, budget_bytes: int, *, method: 
                         f"peak {timeline.peak_bytes} B exceeds the budget {budget_bytes} B")
 
 
-def evaluate_all(graph: JointGraph, programs: Sequence[Program], budget_bytes: int, *,
+def evaluate_all(graph: JointGraph, programs: Iterable[Program], budget_bytes: int, *,
                  method: str, config: SolverConfig, first_fit: bool = False,
                  every_one_if_none_fits: bool = True) -> list[StepSchedule]:
     """The schedules of ``programs`` that fit, in their order; if none fits, every one, so that
@@ -82,13 +130,13 @@ def evaluate_all(graph: JointGraph, programs: Sequence[Program], budget_bytes: i
     cannot fit, and simulating is most of a solver's time. With ``first_fit``, the first
     schedule that fits is the only one returned."""
     schedules: dict[int, StepSchedule] = {}
-    deferred = []
+    deferred: dict[int, Program] = {}
     for i, program in enumerate(programs):
         timeline = None
-        if forward_end_bytes(graph, program) <= budget_bytes:
+        if forward_end_bytes(graph, program.saved, program.offloaded) <= budget_bytes:
             timeline = simulate(graph, program, limit_bytes=budget_bytes)
         if timeline is None:
-            deferred.append(i)
+            deferred[i] = program
             continue
         schedules[i] = evaluate(graph, program, budget_bytes, method=method, config=config,
                                 timeline=timeline)
@@ -96,6 +144,6 @@ def evaluate_all(graph: JointGraph, programs: Sequence[Program], budget_bytes: i
             return [schedules[i]]
     if every_one_if_none_fits and not any(s.feasible for s in schedules.values()):
         # the early stops are simulated again
-        for i in deferred:
-            schedules[i] = evaluate(graph, programs[i], budget_bytes, method=method, config=config)
+        for i, program in deferred.items():
+            schedules[i] = evaluate(graph, program, budget_bytes, method=method, config=config)
     return [schedules[i] for i in sorted(schedules)]

@@ -31,7 +31,7 @@ import numpy as np
 
 from memplan.graph import Category, JointGraph
 from memplan.program import build_program, complete_saved_set
-from memplan.solvers.base import SolverConfig, StepSchedule, evaluate_all, recompute_seconds
+from memplan.solvers.base import SolverConfig, StepSchedule, evaluate_all, in_cost_order
 from memplan.solvers.recursive import KeepAll, Leaf, Split, Stages, Tree, emit, make_stages, spine_keep
 from memplan.solvers.segments import Cuts, find_cuts, local_minima
 
@@ -202,13 +202,17 @@ def solve(graph: JointGraph, budget_bytes: int, *, config: SolverConfig) -> Step
     model = chain_model(graph, stages, config.node_time_s)
     trees = [tree for slot_count in config.dp_slots
              for tree in optimal_trees(model, slot_count, config.dp_candidates)]
-    programs = {}
-    for tree in trees:
+    times = config.node_time_s
+    candidates = []
+    for tree in dict.fromkeys(trees):
         saved, recomputed = complete_saved_set(graph, spine_keep(stages, tree))
-        program = emit(graph, stages, tree, saved, recomputed)
-        programs.setdefault(program, recompute_seconds(graph, program, config.node_time_s))
-    # Stable order, independent of the budget: the first that fits is the answer.
-    ordered = sorted(programs, key=programs.__getitem__)
-    schedules = evaluate_all(graph, ordered, budget_bytes, method="chain-dp", config=config,
+        # a bound of the program's recompute time: it computes each of these at least once.
+        # Emitting takes a tenth of a second on ResNet-1001; programs that cannot be cheaper
+        # than the answer are not emitted.
+        least_s = math.fsum(times.get(name, 0.0) for name in recomputed)
+        candidates.append((least_s, functools.partial(emit, graph, stages, tree, saved, recomputed)))
+    # Cheapest first, an order independent of the budget: the first that fits is the answer.
+    schedules = evaluate_all(graph, in_cost_order(graph, candidates, times), budget_bytes,
+                             method="chain-dp", config=config,
                              first_fit=True)  # the first that fits alone, or every one
     return min(schedules, key=lambda s: s.peak_bytes)

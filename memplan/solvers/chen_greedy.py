@@ -9,9 +9,12 @@ fits, so that the caller can name the minimum).
 
 from __future__ import annotations
 
+import itertools
+
 from memplan.graph import JointGraph
-from memplan.program import build_program
-from memplan.solvers.base import SolverConfig, StepSchedule, evaluate_all, recompute_seconds
+from memplan.program import program_saving
+from memplan.solvers.base import (SolverConfig, StepSchedule, evaluate_all, in_cost_order,
+                                  recompute_seconds, single_level_candidates, single_level_costs)
 from memplan.solvers.segments import Cuts, cheapest_cut, find_cuts
 
 
@@ -39,18 +42,22 @@ def segment_budgets(cuts: Cuts, points: int) -> list[float]:
 
 def solve(graph: JointGraph, budget_bytes: int, *, config: SolverConfig) -> StepSchedule:
     cuts = find_cuts(graph)
-    keeps = dict.fromkeys(frozenset(cuts.keep(greedy_boundaries(cuts, segment_bytes)))
-                          for segment_bytes in segment_budgets(cuts, config.grid_points))
-    programs = dict.fromkeys(build_program(graph, keep) for keep in keeps)
-    cost = {program: recompute_seconds(graph, program, config.node_time_s) for program in programs}
+    times = config.node_time_s
+    costs = single_level_costs(graph, (cuts.keep(greedy_boundaries(cuts, segment_bytes))
+                                       for segment_bytes in segment_budgets(cuts, config.grid_points)),
+                               times)
     # Cheapest first, so that only the first that fits, and those as cheap, are simulated whole.
-    ordered = sorted(cost, key=cost.__getitem__)
-    schedules = evaluate_all(graph, ordered, budget_bytes, method="chen-greedy", config=config,
-                             first_fit=True)
-    if schedules[0].feasible:
-        tied = [p for p in ordered[ordered.index(schedules[0].program) + 1:]
-                if cost[p] == schedules[0].recompute_s]
+    programs = in_cost_order(graph, single_level_candidates(graph, costs, budget_bytes), times)
+    schedules = evaluate_all(graph, programs, budget_bytes, method="chen-greedy", config=config,
+                             first_fit=True, every_one_if_none_fits=False)
+    if schedules:
+        tied = itertools.takewhile(
+            lambda p: recompute_seconds(graph, p, times) == schedules[0].recompute_s, programs)
         fitting = schedules + evaluate_all(graph, tied, budget_bytes, method="chen-greedy",
-                                           config=config)
-        return min((s for s in fitting if s.feasible), key=lambda s: (s.recompute_s, s.peak_bytes))
+                                           config=config, every_one_if_none_fits=False)
+        return min(fitting, key=lambda s: (s.recompute_s, s.peak_bytes))
+    # None fits: the smallest peak of all, which names the least budget.
+    every_one = sorted(costs, key=costs.__getitem__)
+    schedules = evaluate_all(graph, (program_saving(graph, saved) for saved in every_one),
+                             budget_bytes, method="chen-greedy", config=config)
     return min(schedules, key=lambda s: (s.peak_bytes, s.recompute_s))

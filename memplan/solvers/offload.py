@@ -127,7 +127,7 @@ def with_offload(graph: JointGraph, levels: Program | None, keep: set[str], name
     names = [name for name in names if name in saved]
     transfers, wait_s = place_transfers(graph, program, names, config.node_time_s, link)
     program = replace(program, offloaded=transfers)
-    if forward_end_bytes(graph, program) > budget_bytes:
+    if forward_end_bytes(graph, program.saved, program.offloaded) > budget_bytes:
         return None
     schedule = evaluate(graph, program, budget_bytes, method=method, config=config)
     return replace(schedule, stall_s=wait_s)

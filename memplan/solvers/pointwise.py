@@ -16,9 +16,9 @@ prefix). Where none fits, the answer is the pointwise values' own plan, over bud
 """
 
 from memplan.graph import JointGraph
-from memplan.program import build_program, candidates, must_save
+from memplan.program import candidates, must_save, program_saving
 from memplan.solvers.base import (SolverConfig, StepSchedule, evaluate, evaluate_all,
-                                  recompute_seconds)
+                                  in_cost_order, single_level_candidates, single_level_costs)
 
 SMALL_FRACTION = 1 / 64
 
@@ -32,11 +32,12 @@ def solve(graph: JointGraph, budget_bytes: int, *, config: SolverConfig) -> Step
     cheapest_per_byte = sorted((n.name for n in values if not n.pointwise and nbytes[n.name]
                                 and not must_save(graph, n)),
                                key=lambda name: times.get(name, 0.0) / nbytes[name])
-    programs = dict.fromkeys(build_program(graph, set(keep).difference(cheapest_per_byte[:length]))
-                             for length in prefix_lengths(len(cheapest_per_byte), config.grid_points))
-    cost = {program: recompute_seconds(graph, program, times) for program in programs}
-    ordered = sorted(cost, key=cost.__getitem__)  # stable: shorter prefixes first on ties
-    fitting = evaluate_all(graph, ordered, budget_bytes, method="pointwise", config=config,
+    costs = single_level_costs(graph, (set(keep).difference(cheapest_per_byte[:length])
+                                       for length in prefix_lengths(len(cheapest_per_byte),
+                                                                    config.grid_points)), times)
+    # cheapest first; on ties, the shorter prefix
+    programs = in_cost_order(graph, single_level_candidates(graph, costs, budget_bytes), times)
+    fitting = evaluate_all(graph, programs, budget_bytes, method="pointwise", config=config,
                            first_fit=True, every_one_if_none_fits=False)
     if fitting:
         return fitting[0]
@@ -44,7 +45,8 @@ def solve(graph: JointGraph, budget_bytes: int, *, config: SolverConfig) -> Step
     # peak of all would need each program simulated far (on ResNet-1001, 30 s at 12% of its
     # peak, against 8 s); over budget, a schedule serves only to name the least budget, which
     # the recursive solvers usually name lower.
-    return evaluate(graph, next(iter(programs)), budget_bytes, method="pointwise", config=config)
+    return evaluate(graph, program_saving(graph, next(iter(costs))), budget_bytes,
+                    method="pointwise", config=config)
 
 
 def prefix_lengths(count: int, points: int) -> list[int]:
