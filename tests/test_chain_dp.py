@@ -241,10 +241,11 @@ def test_skipping_programs_that_cannot_fit_changes_no_schedule(monkeypatch):
 def test_programs_are_built_lazily_in_the_order_of_building_every_one(name):
     """``in_cost_order`` yields chain-dp's programs as building every one and sorting by recompute
     time would (ties: the earlier tree), and builds a program only once a cheaper one could not
-    exist: its bound, the time of the values its saved set leaves to recompute, is never above
-    its time. A single-level program's time is known from its saved set alone."""
+    exist. What the solvers know of a candidate before building it holds: it saves exactly its
+    completed saved set, and its time is never below the time of the values that set leaves
+    to recompute (a single-level program's time is that time)."""
     from memplan.program import build_program, complete_saved_set
-    from memplan.solvers.base import in_cost_order, recompute_seconds, single_level_costs
+    from memplan.solvers.base import candidate, in_cost_order, recompute_seconds, single_level
     from memplan.solvers.chain_dp import (chain_model, coarsen, emit, local_minima, make_stages,
                                           optimal_trees, spine_keep)
     from memplan.solvers.segments import find_cuts
@@ -262,32 +263,35 @@ def test_programs_are_built_lazily_in_the_order_of_building_every_one(name):
                                for tree in optimal_trees(model, slots, config.dp_candidates)))
     built: list[int] = []
 
-    def candidate(i, tree):
+    def tree_candidate(i, tree):
         saved, recomputed = complete_saved_set(graph, spine_keep(stages, tree))
-        bound = math.fsum(times.get(n, 0.0) for n in recomputed)
 
         def build_one():
             built.append(i)
             return emit(graph, stages, tree, saved, recomputed)
-        return bound, build_one
+        return candidate(saved, math.fsum(times.get(n, 0.0) for n in recomputed), build_one)
 
-    candidates = [candidate(i, tree) for i, tree in enumerate(trees)]
+    candidates = [tree_candidate(i, tree) for i, tree in enumerate(trees)]
     every_one = {}
-    for bound, build_one in candidates:
-        program = build_one()
+    for c in candidates:
+        program = c.build()
         every_one.setdefault(program, recompute_seconds(graph, program, times))
-        assert bound <= every_one[program]
+        assert c.least_s <= every_one[program]
+        assert set(program.saved) == c.saved
     assert len(every_one) > 5
     built.clear()
-    lazily = in_cost_order(graph, candidates, times)
+    lazily = in_cost_order(graph, [tree_candidate(i, tree) for i, tree in enumerate(trees)], times)
     first_three = [next(lazily) for _ in range(3)]
     assert len(built) < len(candidates)
     assert first_three + list(lazily) == sorted(every_one, key=every_one.__getitem__)
 
     keeps = [cuts.keep(boundaries[::step]) for step in (1, 2, 3, 5)]
-    costs = single_level_costs(graph, keeps, times)
-    assert list(costs.values()) == [recompute_seconds(graph, build_program(graph, keep), times)
-                                    for keep in keeps]
+    single = single_level(graph, keeps, times)
+    assert len(single) == len(keeps)
+    for c, keep in zip(single, keeps):
+        program = build_program(graph, keep)
+        assert c.least_s == recompute_seconds(graph, program, times)
+        assert c.saved == set(program.saved)
 
 
 def test_pointwise_recomputes_more_only_where_its_own_plan_does_not_fit():

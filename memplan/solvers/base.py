@@ -61,43 +61,53 @@ def recompute_seconds(graph: JointGraph, program: Program, times: Mapping[str, f
     return math.fsum(times.get(name, 0.0) for name in program.backward if name in forward)
 
 
-def single_level_costs(graph: JointGraph, keeps: Iterable[Iterable[str]],
-                       times: Mapping[str, float]) -> dict[frozenset[str], float]:
-    """The distinct completed saved sets of ``keeps``, in their order, with the recompute time
-    of their single-level programs, which recompute each value they do not save once: known
-    without building the programs."""
-    costs: dict[frozenset[str], float] = {}
+@dataclass(frozen=True)
+class Candidate:
+    """A program not built yet. Building one takes a tenth of a second on ResNet-1001, and
+    most of a budget's candidates are never simulated."""
+
+    saved: frozenset[str]  # exactly what the program saves: its forward end bounds its peak
+    least_s: float  # never above the program's recompute time
+    build: Callable[[], Program]  # builds it once
+
+
+def candidate(saved: frozenset[str], least_s: float, build: Callable[[], Program]) -> Candidate:
+    return Candidate(saved, least_s, functools.cache(build))
+
+
+def single_level(graph: JointGraph, keeps: Iterable[Iterable[str]],
+                 times: Mapping[str, float]) -> list[Candidate]:
+    """The single-level programs of the distinct completed saved sets of ``keeps``, in their
+    order. Each recomputes once the values it does not save: its time is known unbuilt."""
+    candidates: dict[frozenset[str], Candidate] = {}
     for keep in keeps:
         saved, recomputed = complete_saved_set(graph, keep)
-        costs.setdefault(saved, math.fsum(times.get(name, 0.0) for name in recomputed))
-    return costs
+        if saved not in candidates:
+            candidates[saved] = candidate(saved, math.fsum(times.get(name, 0.0) for name in recomputed),
+                                          functools.partial(program_saving, graph, saved))
+    return list(candidates.values())
 
 
-def single_level_candidates(graph: JointGraph, costs: Mapping[frozenset[str], float],
-                            budget_bytes: int) -> list[tuple[float, Callable[[], Program]]]:
-    """``in_cost_order``'s candidates for the saved sets that may fit: those whose forward
-    alone does not end above the budget (``forward_end_bytes``)."""
-    return [(cost, functools.partial(program_saving, graph, saved))
-            for saved, cost in costs.items() if forward_end_bytes(graph, saved) <= budget_bytes]
+def that_may_fit(graph: JointGraph, candidates: Iterable[Candidate], budget_bytes: int) -> list[Candidate]:
+    """The candidates whose forward alone does not end above the budget (``forward_end_bytes``)."""
+    return [c for c in candidates if forward_end_bytes(graph, c.saved) <= budget_bytes]
 
 
-def in_cost_order(graph: JointGraph, candidates: Sequence[tuple[float, Callable[[], Program]]],
+def in_cost_order(graph: JointGraph, candidates: Sequence[Candidate],
                   times: Mapping[str, float]) -> Iterator[Program]:
     """The distinct programs of ``candidates`` by recompute time (ties: the earliest candidate),
-    each built only when needed. A candidate is a lower bound of its program's recompute time
-    and a function that builds it: a program is yielded once every candidate whose bound is
-    not above its time has been built, so a consumer that stops at the first program that fits
-    builds few of them. Building is much of a solver's time on deep models."""
-    unbuilt = sorted(range(len(candidates)), key=lambda i: (candidates[i][0], i))
+    each built only once every candidate whose bound is not above its time has been: a
+    consumer that stops at the first program that fits builds few of them."""
+    unbuilt = sorted(range(len(candidates)), key=lambda i: (candidates[i].least_s, i))
     built: list[tuple[float, int, Program]] = []  # a heap
     yielded: set[Program] = set()
     next_unbuilt = 0
     while next_unbuilt < len(unbuilt) or built:
         while next_unbuilt < len(unbuilt) and (
-                not built or candidates[unbuilt[next_unbuilt]][0] <= built[0][0]):
+                not built or candidates[unbuilt[next_unbuilt]].least_s <= built[0][0]):
             i = unbuilt[next_unbuilt]
             next_unbuilt += 1
-            program = candidates[i][1]()
+            program = candidates[i].build()
             heapq.heappush(built, (recompute_seconds(graph, program, times), i, program))
         _, _, program = heapq.heappop(built)
         if program not in yielded:

@@ -31,7 +31,8 @@ import numpy as np
 
 from memplan.graph import Category, JointGraph
 from memplan.program import build_program, complete_saved_set
-from memplan.solvers.base import SolverConfig, StepSchedule, evaluate_all, in_cost_order
+from memplan.solvers.base import (SolverConfig, StepSchedule, candidate, evaluate_all, in_cost_order,
+                                  that_may_fit)
 from memplan.solvers.recursive import KeepAll, Leaf, Split, Stages, Tree, emit, make_stages, spine_keep
 from memplan.solvers.segments import Cuts, find_cuts, local_minima
 
@@ -206,13 +207,15 @@ def solve(graph: JointGraph, budget_bytes: int, *, config: SolverConfig) -> Step
     candidates = []
     for tree in dict.fromkeys(trees):
         saved, recomputed = complete_saved_set(graph, spine_keep(stages, tree))
-        # a bound of the program's recompute time: it computes each of these at least once.
-        # Emitting takes a tenth of a second on ResNet-1001; programs that cannot be cheaper
-        # than the answer are not emitted.
-        least_s = math.fsum(times.get(name, 0.0) for name in recomputed)
-        candidates.append((least_s, functools.partial(emit, graph, stages, tree, saved, recomputed)))
+        # The program saves exactly ``saved``, and computes each of ``recomputed`` at least once.
+        candidates.append(candidate(saved, math.fsum(times.get(name, 0.0) for name in recomputed),
+                                    functools.partial(emit, graph, stages, tree, saved, recomputed)))
     # Cheapest first, an order independent of the budget: the first that fits is the answer.
-    schedules = evaluate_all(graph, in_cost_order(graph, candidates, times), budget_bytes,
-                             method="chain-dp", config=config,
-                             first_fit=True)  # the first that fits alone, or every one
+    schedules = evaluate_all(graph, in_cost_order(graph, that_may_fit(graph, candidates, budget_bytes),
+                                                  times),
+                             budget_bytes, method="chain-dp", config=config, first_fit=True,
+                             every_one_if_none_fits=False)
+    if not schedules:  # none fits: every one, for the smallest peak, which names the least budget
+        schedules = evaluate_all(graph, in_cost_order(graph, candidates, times), budget_bytes,
+                                 method="chain-dp", config=config)
     return min(schedules, key=lambda s: s.peak_bytes)

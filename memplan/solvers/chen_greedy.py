@@ -12,9 +12,8 @@ from __future__ import annotations
 import itertools
 
 from memplan.graph import JointGraph
-from memplan.program import program_saving
 from memplan.solvers.base import (SolverConfig, StepSchedule, evaluate_all, in_cost_order,
-                                  recompute_seconds, single_level_candidates, single_level_costs)
+                                  recompute_seconds, single_level, that_may_fit)
 from memplan.solvers.segments import Cuts, cheapest_cut, find_cuts
 
 
@@ -43,11 +42,11 @@ def segment_budgets(cuts: Cuts, points: int) -> list[float]:
 def solve(graph: JointGraph, budget_bytes: int, *, config: SolverConfig) -> StepSchedule:
     cuts = find_cuts(graph)
     times = config.node_time_s
-    costs = single_level_costs(graph, (cuts.keep(greedy_boundaries(cuts, segment_bytes))
-                                       for segment_bytes in segment_budgets(cuts, config.grid_points)),
-                               times)
+    candidates = single_level(graph, (cuts.keep(greedy_boundaries(cuts, segment_bytes))
+                                      for segment_bytes in segment_budgets(cuts, config.grid_points)),
+                              times)
     # Cheapest first, so that only the first that fits, and those as cheap, are simulated whole.
-    programs = in_cost_order(graph, single_level_candidates(graph, costs, budget_bytes), times)
+    programs = in_cost_order(graph, that_may_fit(graph, candidates, budget_bytes), times)
     schedules = evaluate_all(graph, programs, budget_bytes, method="chen-greedy", config=config,
                              first_fit=True, every_one_if_none_fits=False)
     if schedules:
@@ -57,7 +56,6 @@ def solve(graph: JointGraph, budget_bytes: int, *, config: SolverConfig) -> Step
                                            config=config, every_one_if_none_fits=False)
         return min(fitting, key=lambda s: (s.recompute_s, s.peak_bytes))
     # None fits: the smallest peak of all, which names the least budget.
-    every_one = sorted(costs, key=costs.__getitem__)
-    schedules = evaluate_all(graph, (program_saving(graph, saved) for saved in every_one),
-                             budget_bytes, method="chen-greedy", config=config)
+    schedules = evaluate_all(graph, in_cost_order(graph, candidates, times), budget_bytes,
+                             method="chen-greedy", config=config)
     return min(schedules, key=lambda s: (s.peak_bytes, s.recompute_s))

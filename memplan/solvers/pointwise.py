@@ -16,9 +16,9 @@ prefix). Where none fits, the answer is the pointwise values' own plan, over bud
 """
 
 from memplan.graph import JointGraph
-from memplan.program import candidates, must_save, program_saving
+from memplan.program import candidates, must_save
 from memplan.solvers.base import (SolverConfig, StepSchedule, evaluate, evaluate_all,
-                                  in_cost_order, single_level_candidates, single_level_costs)
+                                  in_cost_order, single_level, that_may_fit)
 
 SMALL_FRACTION = 1 / 64
 
@@ -32,11 +32,11 @@ def solve(graph: JointGraph, budget_bytes: int, *, config: SolverConfig) -> Step
     cheapest_per_byte = sorted((n.name for n in values if not n.pointwise and nbytes[n.name]
                                 and not must_save(graph, n)),
                                key=lambda name: times.get(name, 0.0) / nbytes[name])
-    costs = single_level_costs(graph, (set(keep).difference(cheapest_per_byte[:length])
-                                       for length in prefix_lengths(len(cheapest_per_byte),
-                                                                    config.grid_points)), times)
+    prefixes = single_level(graph, (set(keep).difference(cheapest_per_byte[:length])
+                                    for length in prefix_lengths(len(cheapest_per_byte),
+                                                                 config.grid_points)), times)
     # cheapest first; on ties, the shorter prefix
-    programs = in_cost_order(graph, single_level_candidates(graph, costs, budget_bytes), times)
+    programs = in_cost_order(graph, that_may_fit(graph, prefixes, budget_bytes), times)
     fitting = evaluate_all(graph, programs, budget_bytes, method="pointwise", config=config,
                            first_fit=True, every_one_if_none_fits=False)
     if fitting:
@@ -45,8 +45,7 @@ def solve(graph: JointGraph, budget_bytes: int, *, config: SolverConfig) -> Step
     # peak of all would need each program simulated far (on ResNet-1001, 30 s at 12% of its
     # peak, against 8 s); over budget, a schedule serves only to name the least budget, which
     # the recursive solvers usually name lower.
-    return evaluate(graph, program_saving(graph, next(iter(costs))), budget_bytes,
-                    method="pointwise", config=config)
+    return evaluate(graph, prefixes[0].build(), budget_bytes, method="pointwise", config=config)
 
 
 def prefix_lengths(count: int, points: int) -> list[int]:
