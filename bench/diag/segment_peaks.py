@@ -13,7 +13,7 @@ within segments, across them, or before the first op.
 MODEL is one of bench/gpu.py's; BUDGET as ``memplan.optimize`` takes it, or ``minimum``.
 Each segment's returned value that inductor gives other strides than the planned graph's is
 printed as it compiles (``stride change``). ``--dump`` writes, for the three segments that
-exceed their graph order most and the probed ones, the fx graph with
+exceed their graph order most, the three furthest under it and the probed ones, the fx graph with
 each value's shape and bytes and the code inductor generated for it, and every segment's row of
 the second table as ``segments.json``. ``--inductor-order`` leaves
 to inductor where it computes the values whose computation frees storage (see
@@ -304,7 +304,7 @@ def main() -> None:
                    key=lambda row: row["simulated_peak"] - row["absolute_peak"],
                    reverse=args.probe_under)[:args.probe]
     if args.dump:
-        for i in sorted({*excess[:3], *(row["segment"] for row in worst)}):
+        for i in sorted({*excess[:3], *excess[-3:], *(row["segment"] for row in worst)}):
             dump(args.dump, i, records[i])
     if worst:
         joint = next(iter(plan.module._steps.values()))[0].fx_joint
