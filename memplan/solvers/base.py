@@ -96,15 +96,15 @@ def that_may_fit(graph: JointGraph, candidates: Iterable[Candidate], budget_byte
 def in_cost_order(graph: JointGraph, candidates: Sequence[Candidate],
                   times: Mapping[str, float]) -> Iterator[Program]:
     """The distinct programs of ``candidates`` by recompute time (ties: the earliest candidate),
-    each built only once every candidate whose bound is not above its time has been: a
-    consumer that stops at the first program that fits builds few of them."""
+    each yielded once no unbuilt candidate could give a cheaper one, or one as cheap from an
+    earlier candidate: a consumer that stops at the first program that fits builds few."""
     unbuilt = sorted(range(len(candidates)), key=lambda i: (candidates[i].least_s, i))
     built: list[tuple[float, int, Program]] = []  # a heap
     yielded: set[Program] = set()
     next_unbuilt = 0
     while next_unbuilt < len(unbuilt) or built:
-        while next_unbuilt < len(unbuilt) and (
-                not built or candidates[unbuilt[next_unbuilt]].least_s <= built[0][0]):
+        while next_unbuilt < len(unbuilt) and (not built or (
+                candidates[unbuilt[next_unbuilt]].least_s, unbuilt[next_unbuilt]) < built[0][:2]):
             i = unbuilt[next_unbuilt]
             next_unbuilt += 1
             program = candidates[i].build()

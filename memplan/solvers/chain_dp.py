@@ -29,8 +29,9 @@ from typing import Mapping
 
 import numpy as np
 
+from memplan.errors import InternalError
 from memplan.graph import Category, JointGraph
-from memplan.program import build_program, complete_saved_set
+from memplan.program import Program, build_program, complete_saved_set
 from memplan.solvers.base import (SolverConfig, StepSchedule, candidate, evaluate_all, in_cost_order,
                                   that_may_fit)
 from memplan.solvers.recursive import KeepAll, Leaf, Split, Stages, Tree, emit, make_stages, spine_keep
@@ -196,6 +197,17 @@ def optimal_trees(model: ChainModel, slot_count: int, count: int) -> tuple[Tree,
     return tuple(candidate_trees(ChainDP(model, slot_count), count))
 
 
+def _emit_saving(graph: JointGraph, stages: Stages, tree: Tree, saved: frozenset[str],
+                 recomputed: list[str]) -> Program:
+    """``emit``, checked to save exactly ``saved``: candidates that cannot fit are skipped by
+    that set's forward end, unbuilt."""
+    program = emit(graph, stages, tree, saved, recomputed)
+    if set(program.saved) != saved:
+        raise InternalError(f"chain-dp's program for {tree} saves other values than its spine's "
+                            f"completed saved set: {sorted(saved ^ set(program.saved))[:10]}")
+    return program
+
+
 def solve(graph: JointGraph, budget_bytes: int, *, config: SolverConfig) -> StepSchedule:
     cuts = find_cuts(graph)
     boundaries = coarsen(cuts, local_minima(cuts), config.dp_stages)
@@ -209,7 +221,8 @@ def solve(graph: JointGraph, budget_bytes: int, *, config: SolverConfig) -> Step
         saved, recomputed = complete_saved_set(graph, spine_keep(stages, tree))
         # The program saves exactly ``saved``, and computes each of ``recomputed`` at least once.
         candidates.append(candidate(saved, math.fsum(times.get(name, 0.0) for name in recomputed),
-                                    functools.partial(emit, graph, stages, tree, saved, recomputed)))
+                                    functools.partial(_emit_saving, graph, stages, tree, saved,
+                                                      recomputed)))
     # Cheapest first, an order independent of the budget: the first that fits is the answer.
     schedules = evaluate_all(graph, in_cost_order(graph, that_may_fit(graph, candidates, budget_bytes),
                                                   times),
