@@ -203,8 +203,8 @@ def _emit_saving(graph: JointGraph, stages: Stages, tree: Tree, saved: frozenset
     that set's forward end, unbuilt."""
     program = emit(graph, stages, tree, saved, recomputed)
     if set(program.saved) != saved:
-        raise InternalError(f"chain-dp's program for {tree} saves other values than its spine's "
-                            f"completed saved set: {sorted(saved ^ set(program.saved))[:10]}")
+        raise InternalError("a chain-dp program saves other values than its tree's completed "
+                            f"saved set: {sorted(saved ^ set(program.saved))[:10]}")
     return program
 
 
