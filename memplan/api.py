@@ -28,8 +28,9 @@ from memplan.solvers.offload import HostLink, improve
 METHODS = ("auto", *SOLVERS)
 
 # On CUDA, measured peaks ran up to 1.25% above the simulated ones (an H200, DenseNet-BC-100,
-# bench/results/core_h200_densenet_cpsat.md): allocator and library memory the simulator does not
-# see. Plans on CUDA are made for the budget less this headroom, so that the measured peak fits.
+# bench/results/core_h200_densenet_cpsat.md; compiled, 1.2%: fused_kernels_h200.md): allocator
+# and library memory the simulator does not see. Plans on CUDA are made for the budget less this
+# headroom, so that the measured peak fits.
 CUDA_HEADROOM = 0.015
 
 
@@ -216,8 +217,8 @@ def optimize(model: torch.nn.Module, budget: Any, *, example_inputs: tuple | Non
     ``"profile"`` (each distinct op timed once on the device, cached on disk).
 
     With ``compile=True`` the planned graphs are compiled by inductor instead of run eagerly, in
-    segments that keep the planned order between them; the predicted peak is the eager
-    executor's, which inductor can exceed within a segment.
+    segments that keep the planned order between them; the predicted peak counts the kernels
+    inductor fuses (``memplan.liveness``), and inductor can exceed it within a segment.
 
     With ``cuda_graphs=True`` (CUDA only) each input signature's step is captured at its first
     call as a forward and a backward CUDA graph and replayed from then on (``memplan.cuda_graphs``):
@@ -238,11 +239,11 @@ def optimize(model: torch.nn.Module, budget: Any, *, example_inputs: tuple | Non
         raise ValueError("memplan: offload=True cannot run in CUDA graphs (its copies wait on "
                          "events the host records); leave cuda_graphs off to offload, or offload off")
     if compile:
-        warnings.warn("memplan: with compile=True the predicted peak is the eager executor's; "
-                      "inductor runs the plan in segments of planned order, but within a "
-                      "segment it may hold values longer (on an H200, the least-budget plans of "
-                      "DenseNet-BC-100 and GPT-2 medium measured 1.9% and 0.6% under it, "
-                      "DenseNet-BC-100's 6.6% under it in full fp32)",
+        warnings.warn("memplan: with compile=True the predicted peak counts the kernels "
+                      "inductor fuses, and inductor runs the plan in segments of planned order, "
+                      "but within a segment it may hold values longer (on an H200, the "
+                      "least-budget plans of GPT-2 medium and DenseNet-BC-100 measured 1.1% and "
+                      "1.2% over it, within the 1.5% of a CUDA budget kept as headroom)",
                       stacklevel=2)
     if not isinstance(budget, (int, float, str)):
         parse_budget(budget)  # raises the error that lists the accepted forms

@@ -24,9 +24,9 @@ def backend(budget: Any, *, method: str = "auto", cost_model: str = "analytic",
     """A torch.compile backend that plans the step under ``budget`` and compiles it with inductor.
 
     The plans it made are in the backend's ``plans`` list, newest last. Their predicted peaks
-    are the eager executor's: inductor keeps the planned order between segments of the graphs
-    (``memplan.inductor``) but can exceed the budget within one. ``offload`` is
-    ``memplan.optimize``'s.
+    count the kernels inductor fuses (``memplan.liveness``): inductor keeps the planned order
+    between segments of the graphs (``memplan.inductor``) but can exceed the budget within one.
+    ``offload`` is ``memplan.optimize``'s.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: choose one of {list(METHODS)}")

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import operator
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
 import torch
@@ -31,7 +31,7 @@ from memplan.cost_models.analytic import CONVOLUTIONS, allows_tf32
 from memplan.cost_models.workspace import measure_workspaces
 from memplan.errors import CaptureError
 from memplan.executor import boxed
-from memplan.inductor import compile_with_inductor
+from memplan.inductor import compile_with_inductor, keep_fused_together
 from memplan.passes.backward_reads import (compute_masks_in_forward, read_shapes_only,
                                            tangent_dependent)
 from memplan.passes.buffer_updates import (free_backward_of_running_stats,
@@ -44,6 +44,7 @@ from memplan.passes.offload import fetch_in_backward, offload_in_forward
 from memplan.passes.partition import split
 from memplan.graph import (CUDA_ALLOCATOR_ROUNDING, Category, JointGraph, Node, Phase, Storage,
                            allocated_bytes)
+from memplan.liveness import simulate
 from memplan.program import Program
 from memplan.sac import op_family, op_name
 
@@ -218,7 +219,8 @@ def _covers_storage(tensor: torch.Tensor) -> bool:
 def joint_to_ir(joint: fx.GraphModule, num_fwd_outputs: int, *, user_outputs: int,
                 param_count: int, buffer_count: int, rounding: int,
                 workspaces: dict[str, int] | None = None, ambient_bytes: int = 0,
-                written_in_place: frozenset[tuple[str, str, int]] = frozenset()) -> JointGraph:
+                written_in_place: frozenset[tuple[str, str, int]] = frozenset(),
+                compiled: bool = False) -> JointGraph:
     """The fx joint graph as a JointGraph: storages from the fake values' aliasing.
 
     The loss is modelled as the caller's ``out.float().sum().backward()`` makes it: a float32
@@ -268,7 +270,8 @@ def joint_to_ir(joint: fx.GraphModule, num_fwd_outputs: int, *, user_outputs: in
             if key not in storage_ids:
                 nbytes = tensor.untyped_storage().nbytes()
                 storage_ids[key] = len(storages)
-                storages.append(Storage(allocated_bytes(nbytes, rounding), category))
+                storages.append(Storage(allocated_bytes(nbytes, rounding), category,
+                                        str(tensor.dtype).removeprefix("torch.")))
             refs.append(storage_ids[key])
         target = node.target
         written = False
@@ -300,12 +303,13 @@ def joint_to_ir(joint: fx.GraphModule, num_fwd_outputs: int, *, user_outputs: in
     by_name = {node.name: node for node in nodes}
     for output in bwd_outputs:  # a gradient is often a view of a temporary: its storage is a gradient
         for s in by_name[output.name].storages:
-            storages[s] = Storage(storages[s].nbytes, Category.GRADIENT)
+            storages[s] = replace(storages[s], category=Category.GRADIENT)
     return JointGraph(nodes=tuple(nodes), storages=tuple(storages),
                       forward_outputs=tuple(n.name for n in fwd_outputs),
                       user_output_count=user_outputs,
                       backward_outputs=tuple(n.name for n in bwd_outputs),
-                      ambient_bytes=ambient_bytes, loss_bytes=2 * allocated_bytes(4, rounding))
+                      ambient_bytes=ambient_bytes, loss_bytes=2 * allocated_bytes(4, rounding),
+                      compiled=compiled)
 
 
 def _create_blas_workspaces(ones: torch.Tensor) -> None:
@@ -406,10 +410,12 @@ def make_partition(planner: Planner, result: dict[str, Any], *, device: torch.de
         graph = joint_to_ir(joint, num_fwd_outputs, user_outputs=user_outputs,
                             param_count=param_count, buffer_count=buffer_count, rounding=rounding,
                             workspaces=workspaces, ambient_bytes=ambient_bytes,
-                            written_in_place=written_in_place)
+                            written_in_place=written_in_place, compiled=not eager)
         program = planner(graph, joint)
         result.update(graph=graph, program=program, joint=joint)
         forward, backward = split(joint, graph, program, num_fwd_outputs)
+        if not eager:
+            keep_fused_together(forward, backward, simulate(graph, program).fused)
         reuse_draws_in_forward(forward)
         return forward, backward
 

@@ -44,6 +44,7 @@ class Category(str, enum.Enum):
 class Storage:
     nbytes: int
     category: Category
+    dtype: str = ""  # of the tensor that allocates it: an op writes in place only over its own dtype
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,7 @@ class JointGraph:
     backward_outputs: tuple[str, ...]  # gradients, one per primal that needs one
     ambient_bytes: int = 0  # other memory on the device during the step (cuBLAS workspaces, ...)
     loss_bytes: int = 0  # the loss the caller computes from the outputs, and its gradient seed
+    compiled: bool = False  # run as inductor's kernels: the simulator counts their fusions
 
     @cached_property
     def index(self) -> dict[str, int]:

@@ -28,12 +28,16 @@ five ways it did so are closed:
 - On CUDA, inductor's layout optimisation is off: it gave convolutions channels-last inputs,
   copying a concatenation while the original was still alive, a copy the plan does not know of.
   On the CPU, where mkldnn convolutions want channels-last, it is left on.
-- On CUDA, pointwise kernels are not autotuned. At its first call inductor benchmarks each
-  kernel's configurations on clones of the buffers it writes in place, and in a forward graph it
-  clones whatever the memory: ResNet-50's least graphed plan (channels-last, H200, fresh caches)
-  peaked at 1.638 GiB in its first step, over its 1.598 GiB budget, and at 1.538 GiB without
-  pointwise autotuning, as in a step with the tuning cached, for the same step time (27.2 ms
-  against 27.6; bench/results/anchors_cnn_h200.md).
+- On CUDA, kernels are not autotuned: pointwise kernels take one configuration, reductions the
+  one inductor's deterministic mode picks (``force_filter_reduction_configs``, which changes
+  nothing else). At its first call inductor benchmarks each kernel's configurations on clones of
+  the buffers it writes in place, beside a buffer the size of the L2 cache that it writes to
+  flush it (60 MiB on an H200), whatever the memory: ResNet-50's least graphed plan
+  (channels-last, H200, fresh caches) peaked at 1.638 GiB in its first step, over its 1.598 GiB
+  budget, and at 1.538 GiB without pointwise autotuning, as in a step with the tuning cached,
+  for the same step time (27.2 ms against 27.6; bench/results/anchors_cnn_h200.md); DenseNet-40's
+  least plan, with its reductions still autotuned, at 243.6 MiB against a 188.0 MiB budget
+  (bench/results/fused_kernels_h200.md).
 - On CUDA, each segment returns its values with the strides the plan traced them with, as
   inductor returns a model's own outputs (``_keep_planned_strides``). Inductor otherwise
   chooses the strides of what it returns, and later segments follow them: DenseNet-BC-100's
@@ -45,13 +49,14 @@ five ways it did so are closed:
   segment, and mkldnn rounded a convolution's input gradient differently on the mixed layouts
   this gave (3.8e-3 of its norm on DenseNet-40).
 
-Measured at their least compiled budgets on an H200, DenseNet-BC-100's step peaked 1.9% under
-its prediction with TF32 convolutions and GPT-2 medium's 0.6% under it, both with the backward
-compiled at inductor's default options (bench/results/segment_peaks_h200.md,
-exactness_h200.md); with memplan's options in the backward too, DenseNet-BC-100's plan in full
-fp32 peaks 6.6% under it, where it went 3.3% over it and over its budget before
-(bench/results/cuda_graphs_h200.md). On the CPU, DenseNet-40's least-budget step peaks 2% under
-its prediction.
+The plan's simulation counts the kernels inductor fuses (``memplan.liveness``): a pointwise
+value computed inside its one reader's kernel, a pointwise op writing over an input that dies
+there. Each pair of steps it counted on is marked on the graphs (``keep_fused_together``), and
+a segment does not end while one is open, so that inductor sees both. Measured at their least
+compiled budgets on an H200, with TF32 convolutions, the steps of VGG19 and ResNet-50
+(channels-last) peaked 0.0% and 0.1% over their predictions, GPT-2 medium's 1.1% and
+DenseNet-BC-100's 1.2% over, each within its budget; counted in the graph's order, GPT-2
+medium's had measured 4.0% under its prediction (bench/results/fused_kernels_h200.md).
 
 Segments with the same ops on the same shapes, strides and dtypes (the repeated layers of a
 deep network) share one compilation (``_segment_key``); within its last ``CONTENT_CUT_OPS`` ops
@@ -113,8 +118,11 @@ REUSE_IDENTICAL_SEGMENTS = True
 CONTENT_CUT_OPS = 8
 CONTENT_WINDOW = 4
 CONTENT_SPACING = 8
+# Node metadata: a node's step in the program, and the later steps counted as one kernel with it.
+STEP, FUSED_WITH = "memplan_step", "memplan_fused_with"
 # Inductor options on CUDA only; the module docstring says why.
-CUDA_OPTIONS = {"layout_optimization": False, "triton.autotune_pointwise": False}
+CUDA_OPTIONS = {"layout_optimization": False, "triton.autotune_pointwise": False,
+                "test_configs.force_filter_reduction_configs": True, "dynamic_scale_rblock": False}
 # Ops traced as they are rather than decomposed: inductor lowers them itself. Recent torch
 # decomposes max-pooling's backward into a scatter-add over a zeros buffer, after copying a
 # channels-last gradient and its int64 indices to reshape them: temporaries the plan would count
@@ -206,10 +214,15 @@ def compile_in_segments(graph: fx.GraphModule, example_inputs: Sequence[Any],
     count, in_segment = 0, ops_per_segment  # the first op starts segment 0
     on_host: set[int] = set()  # segments of one host step, run as they are
     recent: collections.deque[bytes] = collections.deque(maxlen=CONTENT_WINDOW)
+    steps = {node.meta[STEP] for node in graph.graph.nodes if STEP in node.meta}
+    waiting: set[int] = set()  # steps still to join the open segment: ends of fused pairs
     for node in graph.graph.nodes:
         if node.op == "call_function" and node.target is operator.getitem:
             segment_of[node] = segment_of[node.args[0]]
         elif node.op == "call_function" and node.target in HOST_STEPS:
+            if waiting:
+                raise InternalError(f"an offload copy ({node.name}) falls between two steps the "
+                                    "plan counted as one kernel's")
             count, in_segment = count + 1, ops_per_segment  # alone in its segment
             segment_of[node] = count - 1
             on_host.add(count - 1)
@@ -219,7 +232,7 @@ def compile_in_segments(graph: fx.GraphModule, example_inputs: Sequence[Any],
         elif node.op == "call_function":
             starts = node in frees_storage and _read_before_in_segment(
                 node, frees_storage[node], segment_of, count - 1)
-            if in_segment >= ops_per_segment or starts:
+            if (in_segment >= ops_per_segment or starts) and not waiting:
                 count, in_segment = count + 1, 0
             segment_of[node] = count - 1
             in_segment += 1
@@ -233,6 +246,10 @@ def compile_in_segments(graph: fx.GraphModule, example_inputs: Sequence[Any],
             raise InternalError(f"aot_autograd gave inductor a graph with a {node.op} node "
                                 f"({node.name}); memplan compiles placeholders, constants and "
                                 "calls of functions only")
+        if node in segment_of:
+            waiting.discard(node.meta.get(STEP))
+            waiting.update(step for step in node.meta.get(FUSED_WITH, ()) if step in steps)
+    _check_fused_together(segment_of)
     last_read: dict[fx.Node, int] = {}
     for node, segment in segment_of.items():
         for value in node.all_input_nodes:
@@ -300,6 +317,29 @@ def compile_in_segments(graph: fx.GraphModule, example_inputs: Sequence[Any],
 
     run_segments._boxed_call = True
     return run_segments
+
+
+def keep_fused_together(forward: fx.GraphModule, backward: fx.GraphModule,
+                        fused: Sequence[tuple[int, int]]) -> None:
+    """Mark the split graphs' steps (forward, then backward: one node per program step) with
+    the pairs the plan counted as one kernel's (``memplan.liveness.Timeline.fused``), which
+    ``compile_in_segments`` keeps in one segment."""
+    steps = [node for module in (forward, backward) for node in module.graph.nodes
+             if node.op == "call_function"]
+    for step, node in enumerate(steps):
+        node.meta[STEP] = step
+    for first, last in fused:
+        steps[first].meta[FUSED_WITH] = (*steps[first].meta.get(FUSED_WITH, ()), last)
+
+
+def _check_fused_together(segment_of: dict[fx.Node, int]) -> None:
+    segment_of_step = {node.meta[STEP]: segment for node, segment in segment_of.items()
+                       if STEP in node.meta}
+    for node, segment in segment_of.items():
+        for step in node.meta.get(FUSED_WITH, ()):
+            if segment_of_step.get(step, segment) != segment:
+                raise InternalError(f"{node.name} and step {step} were counted as one kernel's "
+                                    "but fell in different segments")
 
 
 def _run_as_is(module: fx.GraphModule) -> Callable[[list], Any]:

@@ -172,12 +172,14 @@ def test_compiled_plan_does_not_keep_what_average_pooling_reads_for_its_shape():
 
 
 def test_repeated_layers_share_compiled_segments(monkeypatch):
-    """Six identical Linear-BatchNorm-ReLU layers, in segments of five ops that fall alike on
-    each: most segments reuse an earlier one's compilation, with their own weights and
-    buffers, and the step still equals eager's."""
+    """Twelve identical Linear-BatchNorm-ReLU layers, in segments of five ops, each held open
+    until the kernels the plan counted on fusing are in it: most segments reuse an earlier one's
+    compilation, with their own weights and buffers, and the step still equals eager's. (A
+    bias before BatchNorm has a gradient of zero but for rounding, which twelve layers
+    amplify past the tolerance: the layers have none, as is usual.)"""
     torch.manual_seed(0)
-    layers = [torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.BatchNorm1d(16),
-                                  torch.nn.ReLU()) for _ in range(6)]
+    layers = [torch.nn.Sequential(torch.nn.Linear(16, 16, bias=False), torch.nn.BatchNorm1d(16),
+                                  torch.nn.ReLU()) for _ in range(12)]
     case = Case(torch.nn.Sequential(*layers, torch.nn.Linear(16, 4)), (torch.randn(32, 16),))
     eager = eager_twin(case)
     keys = []
@@ -188,8 +190,8 @@ def test_repeated_layers_share_compiled_segments(monkeypatch):
     plan = memplan.optimize(case.model, "1GB", example_inputs=case.args, method="sqrt",
                             compile=True)
     assert plan.program.recomputed
+    assert_steps_match(plan.module, case, eager)  # the backward compiles in the first step
     assert len(set(keys)) < len(keys) / 2, f"{len(set(keys))} compilations for {len(keys)} segments"
-    assert_steps_match(plan.module, case, eager)
 
 
 def test_compiled_step_updates_buffers_inside_its_graphs():

@@ -1,0 +1,114 @@
+"""A compiled step's simulation counts the kernels inductor fuses, worked out by hand; and the
+compiled path keeps each pair of steps it counted on in one segment, where inductor sees both.
+
+    x -> a (extern) -> b (pointwise) -> c (pointwise) -> d (extern, output)
+    backward: gx(t)
+
+Each value is one 1 MiB float32 storage. Run op by op (eager) the forward holds 2, 3, 3, 3 MiB.
+Compiled, b is computed inside c's kernel (its one reader, pointwise): it is never allocated, and
+a lives until c runs; c then writes its value over a, which dies there, of its dtype and size:
+2, 2, 2, 3 MiB.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import memplan
+import memplan.inductor
+from harness import Case, eager_twin
+from memplan.graph import Category, JointGraph, Node, Phase, Storage
+from memplan.liveness import simulate
+from memplan.program import Program
+from test_compile import assert_steps_match
+
+MiB = 2**20
+
+LAYOUT = [  # name, phase, inputs, pointwise, category
+    ("x", Phase.PRIMAL, (), False, Category.INPUT),
+    ("a", Phase.FORWARD, ("x",), False, Category.ACTIVATION),
+    ("b", Phase.FORWARD, ("a",), True, Category.ACTIVATION),
+    ("c", Phase.FORWARD, ("b",), True, Category.ACTIVATION),
+    ("d", Phase.FORWARD, ("c",), False, Category.ACTIVATION),
+    ("t", Phase.TANGENT, (), False, Category.TEMPORARY),
+    ("gx", Phase.BACKWARD, ("t",), False, Category.GRADIENT),
+]
+PROGRAM = Program(forward=("a", "b", "c", "d"), saved=(), backward=("gx",))
+
+
+def chain(compiled: bool, **changes: dict) -> JointGraph:
+    """The chain above; ``changes`` replaces a node's fields by name."""
+    nodes = [Node(name=name, phase=phase, inputs=inputs, storages=(i,), pointwise=pointwise,
+                  op="aten.mul.Tensor" if pointwise else "aten.mm.default")
+             for i, (name, phase, inputs, pointwise, _) in enumerate(LAYOUT)]
+    nodes = [dataclasses.replace(node, **changes.get(node.name, {})) for node in nodes]
+    return JointGraph(nodes=tuple(nodes),
+                      storages=tuple(Storage(MiB, category, "float32") for *_, category in LAYOUT),
+                      forward_outputs=("d",), user_output_count=1, backward_outputs=("gx",),
+                      compiled=compiled)
+
+
+@pytest.mark.parametrize("compiled, forward_mib, fused", [
+    (False, [2, 3, 3, 3], ()),
+    (True, [2, 2, 2, 3], ((1, 2), (0, 2))),  # b inside c's kernel; c written over a
+])
+def test_compiled_step_counts_fused_kernels_by_hand(compiled, forward_mib, fused):
+    timeline = simulate(chain(compiled), PROGRAM)
+    # Backward: x, d (the output) and the tangent are live as gx is written: 4 MiB.
+    assert list(timeline.live_bytes) == [n * MiB for n in forward_mib + [4]]
+    assert timeline.fused == fused
+
+
+def test_a_value_read_twice_is_written_out():
+    """d reads b as well as c: inductor writes b out, over a, which dies there; c, read by an
+    extern kernel, is written out too, beside b: 2, 2, 3, 4 MiB (eager: 2, 3, 3, 4)."""
+    graph = chain(True, d={"inputs": ("b", "c")})
+    timeline = simulate(graph, PROGRAM)
+    assert [n // MiB for n in timeline.live_bytes[:4]] == [2, 2, 3, 4]
+    assert timeline.fused == ((0, 1),)
+
+
+def test_no_write_over_another_dtype():
+    graph = chain(True)
+    storages = list(graph.storages)
+    storages[1] = Storage(MiB, Category.ACTIVATION, "int32")  # a: of a dtype c is not
+    graph = dataclasses.replace(graph, storages=tuple(storages))
+    timeline = simulate(graph, PROGRAM)
+    assert [n // MiB for n in timeline.live_bytes[:4]] == [2, 2, 3, 3]
+    assert timeline.fused == ((1, 2),)
+
+
+def test_no_write_over_an_input_of_the_graph():
+    """c reads the resident input x, not a value of the graph: inductor does not write over it."""
+    graph = chain(True, b={"inputs": ("x",)}, c={"inputs": ("b",)})
+    timeline = simulate(graph, Program(forward=("a", "b", "c", "d"), saved=(), backward=("gx",)))
+    assert (0, 2) not in timeline.fused
+
+
+def test_compiled_segments_keep_fused_steps_together(monkeypatch):
+    """In segments of three ops, cut wherever three are reached, the steps the plan counted as
+    one kernel's still share a segment (``compile_in_segments`` checks each pair), and the
+    step equals eager's."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.Flatten(), torch.nn.Linear(8 * 8 * 8, 10))
+    case = Case(model, (torch.randn(4, 3, 8, 8),))
+    eager = eager_twin(case)
+    monkeypatch.setattr(memplan.inductor, "OPS_PER_SEGMENT", 3)
+    pairs = []
+    check = memplan.inductor._check_fused_together
+
+    def recording(segment_of):
+        pairs.extend((node, step) for node in segment_of
+                     for step in node.meta.get(memplan.inductor.FUSED_WITH, ()))
+        check(segment_of)
+    monkeypatch.setattr(memplan.inductor, "_check_fused_together", recording)
+    plan = memplan.optimize(model, "1GB", example_inputs=case.args, method="sqrt", compile=True)
+    assert_steps_match(plan.module, case, eager)  # the backward compiles in the first step
+    assert plan._result().chosen.timeline.fused
+    assert len(pairs) == len(plan._result().chosen.timeline.fused)
