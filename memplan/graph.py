@@ -17,6 +17,10 @@ import networkx as nx
 
 
 CUDA_ALLOCATOR_ROUNDING = 512  # every CUDA caching-allocator block is a multiple of 512 bytes
+# Views that only reshape a value: its elements keep their order in the storage.
+RESHAPES = frozenset({"aten.alias.default", "aten.view.default", "aten._unsafe_view.default",
+                      "aten.reshape.default", "aten.unsqueeze.default", "aten.squeeze.dim",
+                      "aten.squeeze.dims"})
 
 
 def allocated_bytes(nbytes: int, rounding: int) -> int:
@@ -126,6 +130,23 @@ class JointGraph:
         mutated = {node.name for node in self.nodes if node.mutated}
         return frozenset(node.name for node in self.nodes if node.must_save or any(
             i in mutated and i not in node.state_inputs for i in node.inputs))
+
+    @cached_property
+    def laid_out_as_allocated(self) -> frozenset[str]:
+        """Values whose elements sit in their storage in the order of the dense value that
+        allocated it: that value (or a multi-output op's output), and views of it that only
+        reshape (no permutation, offset or broadcast). An op reads these at the index it writes
+        a value of the same shape at."""
+        found: set[str] = set()
+        for node in self.nodes:
+            own = self.allocates[node.name]
+            if len(node.storages) == 1 and node.dense and (
+                    own == node.storages or (not own and node.op == "getitem")):
+                found.add(node.name)  # one output of its own, or of a multi-output op's
+            elif (not own and node.op in RESHAPES and len(node.inputs) == 1
+                  and node.inputs[0] in found):
+                found.add(node.name)
+        return frozenset(found)
 
     @cached_property
     def read_by_backward(self) -> frozenset[str]:

@@ -28,7 +28,7 @@ import collections
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence, overload
 
-from memplan.graph import Category, JointGraph, Phase
+from memplan.graph import RESHAPES, Category, JointGraph, Phase
 from memplan.program import Program, Transfer
 
 _Key = tuple[int, int]  # (storage id, instance: step that allocated it, or a negative tag)
@@ -221,7 +221,8 @@ def _simulate(graph: JointGraph, program: Program, limit_bytes: int | None) -> T
                 ledger.allocate((s, _FORWARD))
                 made_at[s] = i
             keys = _keys(graph, name, _FORWARD, inputs)
-            kernels.write_over(ledger, i, [fw_keys[dead] for dead in dying.get(i, ()) if dead != name],
+            kernels.write_over(ledger, i, lambda k: fw_keys[program.forward[k]],
+                               [fw_keys[dead] for dead in dying.get(i, ()) if dead != name],
                                lambda key: made_at.get(key[0]) if key[1] == _FORWARD else None)
         ledger.hold(keys)
         fw_keys[name] = keys
@@ -302,8 +303,9 @@ def _simulate(graph: JointGraph, program: Program, limit_bytes: int | None) -> T
             for s in graph.allocates[name]:
                 ledger.allocate((s, j))
             keys = _keys(graph, name, j, inputs)
-            kernels.write_over(ledger, j, [bw_keys[ref] if ref[1] >= 0 else placeholder_keys[ref[0]]
-                                           for ref in bw_dying.get(j, ()) if ref != (name, j)],
+            kernels.write_over(ledger, j, lambda k: bw_keys[(program.backward[k], k)],
+                               [bw_keys[ref] if ref[1] >= 0 else placeholder_keys[ref[0]]
+                                for ref in bw_dying.get(j, ()) if ref != (name, j)],
                                lambda key: key[1] if key[1] >= 0 else None)
         ledger.hold(keys)
         bw_keys[(name, j)] = keys
@@ -347,6 +349,8 @@ class _Kernels:
         self.graph, self.names, self.copies = graph, names, sorted(copies)
         self.fused, self.offset = fused, offset
         self.carried: set[int] = set()
+        self.straight: dict[int, frozenset[int]] = {}  # carried steps: what they read straight
+        self.sources: Callable[[int], list[int | str]] = lambda step: []
 
     def _spans_copy(self, first: int, last: int) -> bool:
         return any(first <= step < last for step in self.copies)
@@ -359,6 +363,7 @@ class _Kernels:
         ``readers``: the steps that read a step; ``handed_on``: whether a step's value leaves
         the graph."""
         nodes, allocates = self.graph.by_name, self.graph.allocates
+        self.sources = sources
         work: dict[int, tuple[frozenset[int | str], int]] = {}  # carried: (buffers read, ops)
         for k, name in enumerate(self.names):
             node, reads, ops = nodes[name], set(), 1
@@ -373,6 +378,7 @@ class _Kernels:
                 if carried and not handed_on(k):
                     work[k] = work[carried[0]]
                     self.carried.add(k)
+                    self.straight[k] = self._read_straight(k) if node.op in RESHAPES else frozenset()
                 continue
             if (not node.pointwise or len(allocates[name]) != 1 or handed_on(k)
                     or len(reads) > INLINED_READS or ops > INLINED_OPS):
@@ -384,31 +390,51 @@ class _Kernels:
             if consumer.pointwise or consumer.op in REDUCTIONS:
                 work[k] = frozenset(reads), ops
                 self.carried.add(k)
+                self.straight[k] = self._read_straight(k)
                 self.fused.append((self.offset + k, self.offset + reader))
+
+    def _read_straight(self, k: int) -> frozenset[int]:
+        """The steps whose storages step ``k``'s kernel reads at the index it writes: inputs laid
+        out as allocated, read directly or through values computed in the same kernel."""
+        straight: set[int] = set()
+        for source in self.sources(k):
+            if source in self.straight:
+                straight |= self.straight[source]
+            elif isinstance(source, int) and self.names[source] in self.graph.laid_out_as_allocated:
+                straight.add(source)
+        return frozenset(straight)
 
     def _only_reader(self, k: int, readers: Callable[[int], Iterable[int]],
                      handed_on: Callable[[int], bool]) -> int | None:
-        """The one step that reads ``k``'s value, through views; None if there are more, or if a
-        view of it leaves the graph."""
-        found: set[int] = set()
-        frontier = [k]
-        while frontier:
-            for reader in readers(frontier.pop()):
-                name = self.names[reader]
-                if self.graph[name].op in VIEWS and not self.graph.allocates[name]:
-                    if handed_on(reader):
-                        return None
-                    frontier.append(reader)
-                else:
-                    found.add(reader)
-        return found.pop() if len(found) == 1 else None
+        """The one step that reads ``k``'s value, through a line of views each read once; None
+        if there are more, or if a view of it leaves the graph. (A value read twice is written
+        out where it reads many buffers, ``realize_reads_threshold``.)"""
+        step = k
+        while True:
+            following = list(readers(step))
+            if len(following) != 1:
+                return None
+            step = following[0]
+            name = self.names[step]
+            if not (self.graph[name].op in VIEWS and not self.graph.allocates[name]):
+                return step
+            if handed_on(step):
+                return None
 
-    def write_over(self, ledger: _Ledger, step: int, dying: list[tuple[_Key, ...]],
-                   made_at: Callable[[_Key], int | None]) -> None:
+    def write_over(self, ledger: _Ledger, step: int, keys_of: Callable[[int], tuple[_Key, ...]],
+                   dying: list[tuple[_Key, ...]], made_at: Callable[[_Key], int | None]) -> None:
         """Where ``step`` is a pointwise op whose value inductor writes over an input that dies
-        there, give that input's bytes to the new value. ``dying``: the keys of the values
-        whose last reader is ``step``; ``made_at``: the step of this graph that allocated a
-        key's storage, or None (an input of the graph: inductor does not write over those)."""
+        there, give that input's bytes to the new value. ``keys_of``: a step's keys;
+        ``dying``: the keys of the values whose last reader is ``step``; ``made_at``: the step
+        of this graph that allocated a key's storage, or None (an input of the graph: inductor
+        does not write over those).
+
+        Inductor writes over an input only where the kernel reads it at the index it writes
+        (``SchedulerNode.can_inplace``): here, a value laid out as allocated, read directly or
+        through values computed in the kernel (``_read_straight``; a transpose read to make a
+        contiguous copy is not), of the same allocated bytes, at least
+        ``_SIZE_FOR_EXACT_MATCH`` of them, so that rounding to the allocator's blocks cannot
+        hide inductor's 5% tolerance."""
         if not self.graph.compiled:
             return
         name = self.names[step]
@@ -418,18 +444,28 @@ class _Kernels:
         out = self.graph.storages[own[0]]
         releases = collections.Counter(key for keys in dying for key in keys)
         candidates = []
-        for key, count in releases.items():
+        for source in self._read_straight(step):
+            keys = keys_of(source)
+            if len(keys) != 1:
+                continue
+            key = keys[0]
             made = made_at(key)
             storage = self.graph.storages[key[0]]
-            if (made is not None and step - made <= FUSED_SPAN and ledger.holders.get(key) == count
+            if (made is not None and key[0] in self.graph[self.names[source]].storages
+                    and step - made <= FUSED_SPAN and ledger.holders.get(key) == releases[key]
                     and key not in ledger.overwritten and storage.dtype == out.dtype
-                    and 0.95 * storage.nbytes <= out.nbytes <= storage.nbytes
+                    and storage.nbytes == out.nbytes >= _SIZE_FOR_EXACT_MATCH
                     and not self._spans_copy(made, step)):
-                candidates.append((storage.nbytes, made, key))
+                candidates.append((made, key))
         if candidates:
-            _, made, key = min(candidates)
+            made, key = min(candidates)
             ledger.overwrite(key)
             self.fused.append((self.offset + made, self.offset + step))
+
+
+# Allocated bytes are rounded to the CUDA allocator's 512-byte blocks; past 20 blocks, equal
+# rounded sizes are within the 5% inductor allows between a value and the buffer it reuses.
+_SIZE_FOR_EXACT_MATCH = 20 * 512
 
 
 def _read_keys(inputs: list[tuple[_Key, ...]]) -> tuple[_Key, ...]:

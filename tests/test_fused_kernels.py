@@ -42,7 +42,7 @@ PROGRAM = Program(forward=("a", "b", "c", "d"), saved=(), backward=("gx",))
 def chain(compiled: bool, **changes: dict) -> JointGraph:
     """The chain above; ``changes`` replaces a node's fields by name."""
     nodes = [Node(name=name, phase=phase, inputs=inputs, storages=(i,), pointwise=pointwise,
-                  op="aten.mul.Tensor" if pointwise else "aten.mm.default")
+                  op="aten.mul.Tensor" if pointwise else "aten.mm.default", dense=True)
              for i, (name, phase, inputs, pointwise, _) in enumerate(LAYOUT)]
     nodes = [dataclasses.replace(node, **changes.get(node.name, {})) for node in nodes]
     return JointGraph(nodes=tuple(nodes),
@@ -69,6 +69,20 @@ def test_a_value_read_twice_is_written_out():
     timeline = simulate(graph, PROGRAM)
     assert [n // MiB for n in timeline.live_bytes[:4]] == [2, 2, 3, 4]
     assert timeline.fused == ((0, 1),)
+
+
+@pytest.mark.parametrize("view, forward_mib, fused", [
+    ("aten.view.default", [2, 2, 2, 3], ((0, 2),)),  # read as laid out: written over
+    ("getitem", [2, 2, 2, 3], ((0, 2),)),  # one output of a multi-output op: as laid out
+    ("aten.permute.default", [2, 2, 3, 3], ()),  # read transposed: inductor writes anew
+])
+def test_write_over_only_what_is_read_as_laid_out(view, forward_mib, fused):
+    """b is a view of a (its storage, nothing allocated) that c reads: c writes over a only if
+    the view keeps a's order, as a transpose made contiguous does not."""
+    graph = chain(True, b={"op": view, "pointwise": False, "storages": (1,)})
+    timeline = simulate(graph, PROGRAM)
+    assert [n // MiB for n in timeline.live_bytes[:4]] == forward_mib
+    assert timeline.fused == fused
 
 
 def test_no_write_over_another_dtype():
