@@ -14,8 +14,8 @@ A compiled step (``JointGraph.compiled``) runs as inductor's kernels, which do t
 graph's order does not show. A pointwise value whose one reader (through views) is a pointwise
 op or a reduction is computed inside that reader's kernel: it is never allocated, and what it
 reads lives until the reader runs. A pointwise op writes its value over an input that dies
-there, of its dtype and size (``decide_inplace_update``), where that input was computed in the
-same graph. The simulator counts both, within inductor's limits on what one kernel inlines,
+there, of its dtype and size, computed in the same graph and read at the index the op writes
+(``decide_inplace_update``; not a transpose made contiguous). The simulator counts both, within inductor's limits on what one kernel inlines,
 and lists each pair of steps it counted on (``Timeline.fused``): ``memplan.inductor`` keeps
 each pair in one compiled segment, where inductor sees both. On GPT-2 medium's least plan on
 an H200 the graph order counted 1,344 MiB for an attention backward whose kernels took 960.5
