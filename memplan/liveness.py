@@ -349,7 +349,7 @@ class _Kernels:
         self.graph, self.names, self.copies = graph, names, sorted(copies)
         self.fused, self.offset = fused, offset
         self.carried: set[int] = set()
-        self.straight: dict[int, frozenset[int]] = {}  # carried steps: what they read straight
+        self.reads: dict[int, tuple[frozenset[int], frozenset[int]]] = {}  # carried: ``_reads``
         self.sources: Callable[[int], list[int | str]] = lambda step: []
 
     def _spans_copy(self, first: int, last: int) -> bool:
@@ -378,7 +378,9 @@ class _Kernels:
                 if carried and not handed_on(k):
                     work[k] = work[carried[0]]
                     self.carried.add(k)
-                    self.straight[k] = self._read_straight(k) if node.op in RESHAPES else frozenset()
+                    straight, other = self._reads(k)
+                    self.reads[k] = (straight, other) if node.op in RESHAPES else (
+                        frozenset(), straight | other)
                 continue
             if (not node.pointwise or len(allocates[name]) != 1 or handed_on(k)
                     or len(reads) > INLINED_READS or ops > INLINED_OPS):
@@ -390,19 +392,23 @@ class _Kernels:
             if consumer.pointwise or consumer.op in REDUCTIONS:
                 work[k] = frozenset(reads), ops
                 self.carried.add(k)
-                self.straight[k] = self._read_straight(k)
+                self.reads[k] = self._reads(k)
                 self.fused.append((self.offset + k, self.offset + reader))
 
-    def _read_straight(self, k: int) -> frozenset[int]:
-        """The steps whose storages step ``k``'s kernel reads at the index it writes: inputs laid
-        out as allocated, read directly or through values computed in the same kernel."""
+    def _reads(self, k: int) -> tuple[frozenset[int], frozenset[int]]:
+        """The steps of this graph whose values step ``k``'s kernel reads, directly or through
+        values computed in the same kernel: those it reads at the index it writes (laid out as
+        allocated, reshaped at most), and the others (transposed, sliced, broadcast)."""
         straight: set[int] = set()
+        other: set[int] = set()
         for source in self.sources(k):
-            if source in self.straight:
-                straight |= self.straight[source]
-            elif isinstance(source, int) and self.names[source] in self.graph.laid_out_as_allocated:
-                straight.add(source)
-        return frozenset(straight)
+            if source in self.reads:
+                straight |= self.reads[source][0]
+                other |= self.reads[source][1]
+            elif isinstance(source, int):
+                laid_out = self.names[source] in self.graph.laid_out_as_allocated
+                (straight if laid_out else other).add(source)
+        return frozenset(straight), frozenset(other)
 
     def _only_reader(self, k: int, readers: Callable[[int], Iterable[int]],
                      handed_on: Callable[[int], bool]) -> int | None:
@@ -430,9 +436,10 @@ class _Kernels:
         does not write over those).
 
         Inductor writes over an input only where the kernel reads it at the index it writes
-        (``SchedulerNode.can_inplace``): here, a value laid out as allocated, read directly or
-        through values computed in the kernel (``_read_straight``; a transpose read to make a
-        contiguous copy is not), of the same allocated bytes, at least
+        (``SchedulerNode.can_inplace``), and reads it there only: here, a value laid out as
+        allocated, read directly or through values computed in the kernel and in no other way
+        (``_reads``; a transpose read to make a contiguous copy is not), of the same allocated
+        bytes, at least
         ``_SIZE_FOR_EXACT_MATCH`` of them, so that rounding to the allocator's blocks cannot
         hide inductor's 5% tolerance."""
         if not self.graph.compiled:
@@ -443,8 +450,10 @@ class _Kernels:
             return
         out = self.graph.storages[own[0]]
         releases = collections.Counter(key for keys in dying for key in keys)
+        straight, other = self._reads(step)
+        read_otherwise = {key for source in other for key in keys_of(source)}
         candidates = []
-        for source in self._read_straight(step):
+        for source in straight:
             keys = keys_of(source)
             if len(keys) != 1:
                 continue
@@ -452,6 +461,7 @@ class _Kernels:
             made = made_at(key)
             storage = self.graph.storages[key[0]]
             if (made is not None and key[0] in self.graph[self.names[source]].storages
+                    and key not in read_otherwise
                     and step - made <= FUSED_SPAN and ledger.holders.get(key) == releases[key]
                     and key not in ledger.overwritten and storage.dtype == out.dtype
                     and storage.nbytes == out.nbytes >= _SIZE_FOR_EXACT_MATCH

@@ -85,6 +85,15 @@ def test_write_over_only_what_is_read_as_laid_out(view, forward_mib, fused):
     assert timeline.fused == fused
 
 
+def test_no_write_over_what_is_also_read_transposed():
+    """c reads a both as laid out and through a transpose (b): inductor writes anew."""
+    graph = chain(True, b={"op": "aten.permute.default", "pointwise": False, "storages": (1,)},
+                  c={"inputs": ("a", "b")})
+    timeline = simulate(graph, PROGRAM)
+    assert [n // MiB for n in timeline.live_bytes[:4]] == [2, 2, 3, 3]
+    assert timeline.fused == ()
+
+
 def test_no_write_over_another_dtype():
     graph = chain(True)
     storages = list(graph.storages)
