@@ -30,7 +30,8 @@ five ways it did so are closed:
   On the CPU, where mkldnn convolutions want channels-last, it is left on.
 - On CUDA, kernels are not autotuned: pointwise kernels take one configuration, reductions the
   one inductor's deterministic mode picks (``force_filter_reduction_configs``, which changes
-  nothing else). At its first call inductor benchmarks each kernel's configurations on clones of
+  nothing else), and no reduction's block is scaled down after compiling
+  (``dynamic_scale_rblock``, which adds a configuration to benchmark). At its first call inductor benchmarks each kernel's configurations on clones of
   the buffers it writes in place, beside a buffer the size of the L2 cache that it writes to
   flush it (60 MiB on an H200), whatever the memory: ResNet-50's least graphed plan
   (channels-last, H200, fresh caches) peaked at 1.638 GiB in its first step, over its 1.598 GiB

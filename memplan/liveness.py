@@ -331,10 +331,8 @@ INLINED_OPS = 8
 FUSED_SPAN = 16
 REDUCTIONS = frozenset({"aten.sum.dim_IntList", "aten.sum.default", "aten.mean.dim",
                         "aten.amax.default", "aten.amin.default", "aten.var_mean.correction"})
-VIEWS = frozenset({"aten.alias.default", "aten.view.default", "aten._unsafe_view.default",
-                   "aten.reshape.default", "aten.permute.default", "aten.t.default",
-                   "aten.transpose.int", "aten.unsqueeze.default", "aten.squeeze.dim",
-                   "aten.squeeze.dims", "aten.expand.default"})
+VIEWS = RESHAPES | {"aten.permute.default", "aten.t.default", "aten.transpose.int",
+                    "aten.expand.default"}
 
 
 class _Kernels:
