@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import collections
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence, overload
+from typing import Callable, Collection, Iterable, Sequence, overload
 
 from memplan.graph import RESHAPES, Category, JointGraph, Phase
 from memplan.program import Program, Transfer
@@ -346,9 +346,12 @@ class _Kernels:
                  fused: list[tuple[int, int]], offset: int = 0):
         self.graph, self.names, self.copies = graph, names, sorted(copies)
         self.fused, self.offset = fused, offset
-        self.carried: set[int] = set()
         self.reads: dict[int, tuple[frozenset[int], frozenset[int]]] = {}  # carried: ``_reads``
         self.sources: Callable[[int], list[int | str]] = lambda step: []
+
+    @property
+    def carried(self) -> Collection[int]:
+        return self.reads.keys()
 
     def _spans_copy(self, first: int, last: int) -> bool:
         return any(first <= step < last for step in self.copies)
@@ -375,7 +378,6 @@ class _Kernels:
                 carried = [source for source in sources(k) if source in work]
                 if carried and not handed_on(k):
                     work[k] = work[carried[0]]
-                    self.carried.add(k)
                     straight, other = self._reads(k)
                     self.reads[k] = (straight, other) if node.op in RESHAPES else (
                         frozenset(), straight | other)
@@ -389,7 +391,6 @@ class _Kernels:
             consumer = nodes[self.names[reader]]
             if consumer.pointwise or consumer.op in REDUCTIONS:
                 work[k] = frozenset(reads), ops
-                self.carried.add(k)
                 self.reads[k] = self._reads(k)
                 self.fused.append((self.offset + k, self.offset + reader))
 
