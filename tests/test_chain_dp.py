@@ -21,27 +21,28 @@ from memplan.cost_models import for_device
 from memplan.solvers.chain_dp import ChainDP, candidate_trees
 from memplan.graph import Phase
 from memplan.solvers.base import SolverConfig
-from memplan.solvers.recursive import KeepAll, Leaf, Split
+from memplan.solvers.recursive import Keep, Leaf, Split
 from memplan.solvers.registry import solve
 from zoo import build
 
 
-def all_trees(s: int, t: int):
+def all_trees(chain, s: int, t: int):
     if s == t:
         yield Leaf(s)
         return
-    for rest in all_trees(s + 1, t):
-        yield KeepAll(s, rest)
+    for rest in all_trees(chain, s + 1, t):
+        for option in range(len(chain.kept_bytes[s])):
+            yield Keep(s, rest, option)
     for k in range(s + 1, t + 1):
-        for right in all_trees(k, t):
-            for left in all_trees(s, k - 1):
+        for right in all_trees(chain, k, t):
+            for left in all_trees(chain, s, k - 1):
                 yield Split(k, right, left)
 
 
 def span(tree) -> tuple[int, int]:
     if isinstance(tree, Leaf):
         return tree.stage, tree.stage
-    if isinstance(tree, KeepAll):
+    if isinstance(tree, Keep):
         return tree.stage, span(tree.rest)[1]
     return span(tree.left)[0], span(tree.right)[1]
 
@@ -52,10 +53,11 @@ def cost_and_slots(tree, chain, up) -> tuple[float, int]:
     grads = lambda a, b: up(sum(chain.grad_bytes[a:])) - up(sum(chain.grad_bytes[b:]))  # noqa: E731
     if isinstance(tree, Leaf):
         return chain.forward_s[s] + chain.backward_s[s], up(chain.leaf_bytes[s])
-    if isinstance(tree, KeepAll):
+    if isinstance(tree, Keep):
         cost, slots = cost_and_slots(tree.rest, chain, up)
-        return (chain.forward_s[s] + chain.backward_s[s] + cost,
-                max(up(chain.kept_bytes[s]) + slots, up(chain.leaf_bytes[s]) + grads(s + 1, t + 1)))
+        return (chain.forward_s[s] + chain.backward_s[s] + chain.keep_s[s][tree.option] + cost,
+                max(up(chain.kept_bytes[s][tree.option]) + slots,
+                    up(chain.leaf_bytes[s]) + grads(s + 1, t + 1)))
     right_cost, right_slots = cost_and_slots(tree.right, chain, up)
     left_cost, left_slots = cost_and_slots(tree.left, chain, up)
     sweep = sum(chain.forward_s[s:tree.stage])
@@ -68,10 +70,14 @@ def random_chain(rng: random.Random, count: int) -> SimpleNamespace:
     kept = [rng.randint(0, 60) for _ in range(count)]
     grads = [rng.choice([0, 0, rng.randint(1, 10)]) for _ in range(count)]
     leaf = [kept[s] + cut[s] + 2 * cut[s + 1] + cut[s] + grads[s] for s in range(count)]
+    forward_s = [rng.uniform(0.5, 3) for _ in range(count)]
+    # leaner keeps: fewer bytes held, part of the stage's forward recomputed
+    keeps = [[(kept[s], 0.0)] + [(rng.randint(0, kept[s]), rng.uniform(0, forward_s[s]))
+                                 for _ in range(rng.randint(0, 2))] for s in range(count)]
     return SimpleNamespace(
-        forward_s=[rng.uniform(0.5, 3) for _ in range(count)],
-        backward_s=[rng.uniform(1, 6) for _ in range(count)],
-        cut_bytes=cut, kept_bytes=kept, leaf_bytes=leaf, grad_bytes=grads,
+        forward_s=forward_s, backward_s=[rng.uniform(1, 6) for _ in range(count)],
+        cut_bytes=cut, kept_bytes=[[b for b, _ in k] for k in keeps],
+        keep_s=[[r for _, r in k] for k in keeps], leaf_bytes=leaf, grad_bytes=grads,
         ceiling_bytes=sum(kept) + max(leaf) + sum(grads))
 
 
@@ -82,7 +88,7 @@ def test_dp_equals_brute_force_over_every_tree(seed):
     chain = random_chain(rng, count)
     dp = ChainDP(chain, slot_count=rng.choice([16, 40, 97]))
     up = functools.partial(lambda unit, b: math.ceil(b / unit), dp.unit)
-    trees = [cost_and_slots(tree, chain, up) for tree in all_trees(0, count - 1)]
+    trees = [cost_and_slots(tree, chain, up) for tree in all_trees(chain, 0, count - 1)]
     costs = dp.cost[0, count - 1]
     for slots in range(len(costs)):
         best = min((c for c, need in trees if need <= slots), default=math.inf)
@@ -246,21 +252,13 @@ def test_programs_are_built_lazily_in_the_order_of_building_every_one(name):
     to recompute (a single-level program's time is that time)."""
     from memplan.program import build_program, complete_saved_set
     from memplan.solvers.base import candidate, in_cost_order, recompute_seconds, single_level
-    from memplan.solvers.chain_dp import (chain_model, coarsen, emit, local_minima, make_stages,
-                                          optimal_trees, spine_keep)
-    from memplan.solvers.segments import find_cuts
+    from memplan.solvers.chain_dp import chain_trees, emit, spine_keep
 
     case = build(name)
     graph = memplan.optimize(case.model, "100%", example_inputs=case.args,
                              method="none")._result().graph
     times = for_device("cpu").times(graph)
-    config = SolverConfig(node_time_s=times)
-    cuts = find_cuts(graph)
-    boundaries = coarsen(cuts, local_minima(cuts), config.dp_stages)
-    stages = make_stages(graph, cuts, boundaries, build_program(graph, cuts.keep(boundaries)))
-    model = chain_model(graph, stages, times)
-    trees = list(dict.fromkeys(tree for slots in config.dp_slots
-                               for tree in optimal_trees(model, slots, config.dp_candidates)))
+    stages, trees = chain_trees(graph, SolverConfig(node_time_s=times))
     built: list[int] = []
 
     def tree_candidate(i, tree):
@@ -285,7 +283,7 @@ def test_programs_are_built_lazily_in_the_order_of_building_every_one(name):
     assert len(built) < len(candidates)
     assert first_three + list(lazily) == sorted(every_one, key=every_one.__getitem__)
 
-    keeps = [cuts.keep(boundaries[::step]) for step in (1, 2, 3, 5)]
+    keeps = [stages.cuts.keep(list(stages.boundaries[::step])) for step in (1, 2, 3, 5)]
     single = single_level(graph, keeps, times)
     assert len(single) == len(keeps)
     for c, keep in zip(single, keeps):

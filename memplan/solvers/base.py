@@ -25,6 +25,7 @@ class SolverConfig:
     # the coarser, more cautious model found. The candidates of both are simulated.
     dp_slots: tuple[int, ...] = (128, 4096)
     dp_candidates: int = 32  # slot counts per spread and discretisation whose trees are simulated
+    dp_keeps: int = 8  # leaner ways to keep each stage the chain DP may choose (``stage_keeps``)
     time_limit_s: float = 30.0  # CP-SAT's wall-clock limit, heuristic warm start included
     workers: int = 2  # CP-SAT search workers (see cpsat on reproducibility)
     seed: int = 0

@@ -3,12 +3,15 @@
 Beaumont, Herrmann, Pallez, Shilova, "Optimal checkpointing for heterogeneous chains" (rotor).
 The forward order is cut at its local minima of crossing bytes (coarsened to at most
 ``config.dp_stages`` stages); each stage s has a forward time uf[s], a backward time ub[s], an
-input cut of x[s] bytes, the values its backward reads, and the gradients it produces. C(s, t, m)
+input cut of x[s] bytes, the gradients it produces, and ways to keep it while later stages
+backpropagate (``stage_keeps``): everything its backward reads, or leaner sets of kept[s, o]
+bytes whose left-out values its backward recomputes in r[s, o] seconds. C(s, t, m)
 is the least time to backpropagate stages s..t within m memory slots, the input cut of s and the
 incoming gradient counted in m:
 
     C(s, s, m) = uf[s] + ub[s]                              if m >= leaf[s]          (Leaf)
-    C(s, t, m) = min( uf[s] + ub[s] + C(s+1, t, m - kept[s])                         (KeepAll)
+    C(s, t, m) = min( min over keeps o of s:
+                          uf[s] + ub[s] + r[s, o] + C(s+1, t, m - kept[s, o])          (Keep)
                       min over s < k <= t of  uf[s..k-1] + C(k, t, m - x[s])
                                                         + C(s, k-1, m - grad[k..t]) ) (Split)
 
@@ -24,7 +27,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Mapping
 
 import numpy as np
@@ -34,10 +37,11 @@ from memplan.graph import Category, JointGraph
 from memplan.program import Program, build_program, complete_saved_set
 from memplan.solvers.base import (SolverConfig, StepSchedule, candidate, evaluate_all, in_cost_order,
                                   that_may_fit)
-from memplan.solvers.recursive import KeepAll, Leaf, Split, Stages, Tree, emit, make_stages, spine_keep
+from memplan.solvers.recursive import Keep, Leaf, Split, Stages, Tree, emit, make_stages, spine_keep
 from memplan.solvers.segments import Cuts, find_cuts, local_minima
+from memplan.solvers.stage_keeps import StageKeep, stage_keeps
 
-_KEEP_ALL = -1
+_KEEP = -1  # choice of Keep option 0; option o is _KEEP - o
 _INFEASIBLE = math.inf
 
 
@@ -71,17 +75,26 @@ class ChainModel:
     forward_s: tuple[float, ...]
     backward_s: tuple[float, ...]
     cut_bytes: tuple[int, ...]  # per stage, and the empty cut after the last
-    kept_bytes: tuple[int, ...]
+    kept_bytes: tuple[tuple[int, ...], ...]  # per stage and keep; keep 0 holds everything
+    keep_s: tuple[tuple[float, ...], ...]  # per stage and keep: what its backward recomputes
     leaf_bytes: tuple[int, ...]
     grad_bytes: tuple[int, ...]
 
     @property
     def ceiling_bytes(self) -> int:
-        """Enough memory for the tree that keeps everything (a KeepAll chain)."""
-        return sum(self.kept_bytes) + max(self.leaf_bytes) + sum(self.grad_bytes)
+        """Enough memory for the tree that keeps everything (a chain of Keeps of option 0)."""
+        return sum(k[0] for k in self.kept_bytes) + max(self.leaf_bytes) + sum(self.grad_bytes)
+
+    def keeping_everything(self) -> ChainModel:
+        """The chain without leaner keeps. Its trees are candidates too: the DP's memory model
+        is coarse, and with leaner keeps its optimal trees are other trees, whose simulated
+        peaks can all be above a budget that one of these fits (ResNet-50 at 30%)."""
+        return replace(self, kept_bytes=tuple(k[:1] for k in self.kept_bytes),
+                       keep_s=tuple(k[:1] for k in self.keep_s))
 
 
-def chain_model(graph: JointGraph, stages: Stages, times: Mapping[str, float]) -> ChainModel:
+def chain_model(graph: JointGraph, stages: Stages, times: Mapping[str, float],
+                keeps: tuple[tuple[StageKeep, ...], ...]) -> ChainModel:
     count = stages.count
     position_stage = []
     for stage, end in enumerate((*stages.boundaries, len(stages.cuts.order) - 1)):
@@ -92,10 +105,13 @@ def chain_model(graph: JointGraph, stages: Stages, times: Mapping[str, float]) -
     backward_s = [sum(times.get(n, 0.0) for n in group) for group in stages.groups]
     cuts = [stages.cut_before(s) for s in range(count)] + [set()]
     cut_bytes = [_bytes(graph, c) for c in cuts]
-    kept_bytes, leaf_bytes, grad_bytes = [], [], []
+    kept_bytes, keep_s, leaf_bytes, grad_bytes = [], [], [], []
     for s in range(count):
+        kept_bytes.append(tuple(_bytes(graph, (keep.kept | cuts[s]) - cuts[s + 1])
+                                for keep in keeps[s]))
+        keep_s.append(tuple(math.fsum(times.get(n, 0.0) for n in keep.recomputed)
+                            for keep in keeps[s]))
         held = set(stages.needs[s]) | cuts[s]
-        kept_bytes.append(_bytes(graph, held - cuts[s + 1]))
         grads = sum(graph.storages[i].nbytes for name in stages.groups[s]
                     for i in graph.allocates[name]
                     if graph.storages[i].category is Category.GRADIENT)
@@ -104,7 +120,7 @@ def chain_model(graph: JointGraph, stages: Stages, times: Mapping[str, float]) -
         leaf_bytes.append(_bytes(graph, held | cuts[s + 1]) + cut_bytes[s + 1] + cut_bytes[s]
                           + grads)
     return ChainModel(tuple(forward_s), tuple(backward_s), tuple(cut_bytes), tuple(kept_bytes),
-                      tuple(leaf_bytes), tuple(grad_bytes))
+                      tuple(keep_s), tuple(leaf_bytes), tuple(grad_bytes))
 
 
 def _shifted(costs: np.ndarray, slots: int) -> np.ndarray:
@@ -119,7 +135,8 @@ class ChainDP:
     """Tables C[s, t] (cost per slot count) and the choice that reached each entry.
 
     For each (s, t) every split point k is costed at once, as rows of one array; the first k of
-    least cost wins, and only if cheaper than KeepAll."""
+    least cost wins, and only if cheaper than every Keep (of which the first of least cost
+    wins). A choice below zero is Keep option ``-1 - choice``."""
 
     def __init__(self, model: ChainModel, slot_count: int):
         count = len(model.forward_s)
@@ -127,14 +144,14 @@ class ChainDP:
         self.unit = max(1, math.ceil(model.ceiling_bytes / slot_count))
         up = lambda nbytes: math.ceil(nbytes / self.unit)  # noqa: E731
         x = self.x = [up(b) for b in model.cut_bytes]
-        kept = self.kept = [up(b) for b in model.kept_bytes]
+        kept = self.kept = [[up(b) for b in options] for options in model.kept_bytes]
         leaf = [up(b) for b in model.leaf_bytes]
         grad_after = self.grad_after = np.array([up(sum(model.grad_bytes[k:]))
                                                  for k in range(count + 1)])
         forward_from = np.array([sum(model.forward_s[:k]) for k in range(count + 1)])
         slots = np.arange(slot_count + 1)
         cost = self.cost = np.full((count, count, len(slots)), _INFEASIBLE)
-        choice = self.choice = np.full((count, count, len(slots)), _KEEP_ALL, dtype=np.int32)
+        choice = self.choice = np.full((count, count, len(slots)), _KEEP, dtype=np.int32)
         for s in range(count):
             cost[s, s] = np.where(slots >= leaf[s], model.forward_s[s] + model.backward_s[s],
                                   _INFEASIBLE)
@@ -143,9 +160,14 @@ class ChainDP:
                 t = s + length - 1
                 # grad of stages s+1..t are held while stage s runs its backward
                 leaf_fits = slots - (grad_after[s + 1] - grad_after[t + 1]) >= leaf[s]
-                keep_all = _shifted(cost[s + 1, t], kept[s])
-                keep_all = np.where(leaf_fits, model.forward_s[s] + model.backward_s[s] + keep_all,
-                                    _INFEASIBLE)
+                keep = np.full(len(slots), _INFEASIBLE)
+                keep_choice = np.full(len(slots), _KEEP, dtype=np.int32)
+                for option, (kept_slots, recompute_s) in enumerate(zip(kept[s], model.keep_s[s])):
+                    this = model.forward_s[s] + model.backward_s[s] + recompute_s + _shifted(
+                        cost[s + 1, t], kept_slots)
+                    cheaper = leaf_fits & (this < keep)
+                    keep = np.where(cheaper, this, keep)
+                    keep_choice = np.where(cheaper, _KEEP - option, keep_choice)
                 # split[i]: the cost of splitting at k = s + 1 + i, summed in the order
                 # forward[s..k-1] + C(k, t, m - x[s]) + C(s, k-1, m - grads held)
                 k = np.arange(s + 1, t + 1)
@@ -156,17 +178,18 @@ class ChainDP:
                     split[i, held:] += cost[s, s + i, :len(slots) - held]
                 first_least = split.argmin(axis=0)
                 least = split[first_least, slots]
-                better = least < keep_all
-                cost[s, t] = np.where(better, least, keep_all)
-                choice[s, t] = np.where(better, k[first_least], _KEEP_ALL)
+                better = least < keep
+                cost[s, t] = np.where(better, least, keep)
+                choice[s, t] = np.where(better, k[first_least], keep_choice)
 
     def tree(self, s: int, t: int, slots: int) -> Tree:
         """The optimal tree for stages s..t within ``slots`` (a finite entry of the table)."""
         if s == t:
             return Leaf(s)
         k = int(self.choice[s, t][slots])
-        if k == _KEEP_ALL:
-            return KeepAll(s, self.tree(s + 1, t, slots - self.kept[s]))
+        if k <= _KEEP:
+            option = _KEEP - k
+            return Keep(s, self.tree(s + 1, t, slots - self.kept[s][option]), option)
         held_grads = self.grad_after[k] - self.grad_after[t + 1]
         return Split(k, right=self.tree(k, t, slots - self.x[s]),
                      left=self.tree(s, k - 1, slots - held_grads))
@@ -208,16 +231,24 @@ def _emit_saving(graph: JointGraph, stages: Stages, tree: Tree, saved: frozenset
     return program
 
 
-def solve(graph: JointGraph, budget_bytes: int, *, config: SolverConfig) -> StepSchedule:
+def chain_trees(graph: JointGraph, config: SolverConfig) -> tuple[Stages, list[Tree]]:
+    """The graph's stages, with their keeps, and the DP's distinct candidate trees over them."""
     cuts = find_cuts(graph)
     boundaries = coarsen(cuts, local_minima(cuts), config.dp_stages)
     stages = make_stages(graph, cuts, boundaries, build_program(graph, cuts.keep(boundaries)))
-    model = chain_model(graph, stages, config.node_time_s)
-    trees = [tree for slot_count in config.dp_slots
-             for tree in optimal_trees(model, slot_count, config.dp_candidates)]
+    keeps = stage_keeps(graph, stages, config.node_time_s, config.dp_keeps)
+    stages = replace(stages, keeps=tuple(tuple(keep.kept for keep in options) for options in keeps))
+    model = chain_model(graph, stages, config.node_time_s, keeps)
+    trees = [tree for chain in (model, model.keeping_everything()) for slot_count in config.dp_slots
+             for tree in optimal_trees(chain, slot_count, config.dp_candidates)]
+    return stages, list(dict.fromkeys(trees))
+
+
+def solve(graph: JointGraph, budget_bytes: int, *, config: SolverConfig) -> StepSchedule:
+    stages, trees = chain_trees(graph, config)
     times = config.node_time_s
     candidates = []
-    for tree in dict.fromkeys(trees):
+    for tree in trees:
         saved, recomputed = complete_saved_set(graph, spine_keep(stages, tree))
         # The program saves exactly ``saved``, and computes each of ``recomputed`` at least once.
         candidates.append(candidate(saved, math.fsum(times.get(name, 0.0) for name in recomputed),

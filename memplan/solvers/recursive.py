@@ -5,8 +5,9 @@ The forward order is cut into stages at chosen positions (cuts, see ``segments``
 stages [s, t] is backpropagated in one of three ways:
 
 - ``Leaf(s)``: one stage: recompute what its backward nodes read, then run them;
-- ``KeepAll(s, rest)``: recompute stage s keeping everything its backward reads, backpropagate
-  ``rest`` (stages s+1..t), then stage s without recomputing;
+- ``Keep(s, rest, option)``: recompute stage s keeping everything its backward reads (option 0)
+  or one of its leaner keeps (``stage_keeps``), backpropagate ``rest`` (stages s+1..t), then
+  stage s, recomputing only what that keep left out;
 - ``Split(k, right, left)``: recompute forward up to the cut before stage k and keep only the
   cut, backpropagate ``right`` (k..t), then ``left`` (s..k-1), recomputing from the cut at s.
 
@@ -31,9 +32,10 @@ class Leaf:
 
 
 @dataclass(frozen=True)
-class KeepAll:
+class Keep:
     stage: int
     rest: "Tree"
+    option: int = 0  # which of the stage's keeps: 0 keeps everything its backward reads
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,7 @@ class Split:
     left: "Tree"
 
 
-Tree = Union[Leaf, KeepAll, Split]
+Tree = Union[Leaf, Keep, Split]
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,10 @@ class Stages:
     boundaries: tuple[int, ...]
     groups: tuple[tuple[str, ...], ...]  # backward nodes of each stage, in single-level order
     needs: tuple[frozenset[str], ...]  # forward values each stage's backward nodes read
+    keeps: tuple[tuple[frozenset[str], ...], ...] = ()  # per stage, what a Keep option holds
+
+    def kept(self, stage: int, option: int) -> frozenset[str]:
+        return self.keeps[stage][option] if option else self.needs[stage]
 
     @property
     def count(self) -> int:
@@ -94,8 +100,8 @@ def spine_keep(stages: Stages, tree: Tree) -> set[str]:
         if isinstance(tree, Split):
             keep |= stages.cut_before(tree.stage)
             tree = tree.right
-        elif isinstance(tree, KeepAll):
-            keep |= stages.needs[tree.stage]
+        elif isinstance(tree, Keep):
+            keep |= stages.kept(tree.stage, tree.option)
             tree = tree.rest
         else:
             return keep | stages.needs[tree.stage]
@@ -135,9 +141,13 @@ class _Emitter:
                     self.materialize(missing, scope)
                 self.order.append(name)
                 ready.add(name)
-        elif isinstance(tree, KeepAll):
+        elif isinstance(tree, Keep):
             scope = set(scope)
-            self.materialize(set(self.stages.needs[tree.stage]), scope)
+            kept = self.stages.kept(tree.stage, tree.option)
+            self.materialize(kept, scope)
+            # a value the keep leaves out is recomputed by the stage's backward, even where
+            # computing a kept value passed through it: holding it would free nothing
+            scope -= self.stages.needs[tree.stage] - kept
             self.run(tree.rest, scope)
             self.run(Leaf(tree.stage), scope)
         else:

@@ -1,0 +1,100 @@
+"""The chain DP's leaner keeps: what a keep says its stage's backward recomputes is what the
+program recomputes, plans built on them equal eager, and they never make a plan dearer."""
+
+from __future__ import annotations
+
+import pytest
+
+import memplan
+from memplan.cost_models import for_device
+from memplan.program import complete_saved_set
+from memplan.solvers import chain_dp
+from memplan.solvers.base import SolverConfig
+from memplan.solvers.recursive import Keep, Leaf, Tree, emit, spine_keep
+from memplan.solvers.registry import solve
+from memplan.solvers.stage_keeps import stage_keeps
+from harness import assert_matches_eager, assert_measured_peak, eager_twin
+from zoo import build
+
+
+def captured(name: str):
+    case = build(name)
+    graph = memplan.optimize(case.model, "100%", example_inputs=case.args,
+                             example_kwargs=case.kwargs, method="none")._result().graph
+    return graph, for_device("cpu").times(graph)
+
+
+def keep_chain(count: int, lean_stage: int, option: int) -> Tree:
+    """Every stage kept whole on the forward pass but ``lean_stage``, kept by ``option``."""
+    tree: Tree = Leaf(count - 1)
+    for stage in range(count - 2, -1, -1):
+        tree = Keep(stage, tree, option if stage == lean_stage else 0)
+    return tree
+
+
+def uses_leaner_keep(tree: Tree) -> bool:
+    if isinstance(tree, Keep):
+        return tree.option > 0 or uses_leaner_keep(tree.rest)
+    if isinstance(tree, Leaf):
+        return False
+    return uses_leaner_keep(tree.right) or uses_leaner_keep(tree.left)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "densenet40"])
+def test_a_keep_recomputes_what_it_says(name):
+    """The forward pass saves the keep's values (and the input cut they are recomputed from);
+    the backward recomputes, once each, at most the keep's ``recomputed`` (less where another
+    stage's keep saves a value it counted), and mostly exactly that."""
+    graph, times = captured(name)
+    stages, _ = chain_dp.chain_trees(graph, SolverConfig(node_time_s=times))
+    keeps = stage_keeps(graph, stages, times, SolverConfig().dp_keeps)
+    exact = checked = 0
+    for stage in range(stages.count - 1):
+        for option, keep in enumerate(keeps[stage][1:], start=1):
+            tree = keep_chain(stages.count, stage, option)
+            saved, recomputed = complete_saved_set(graph, spine_keep(stages, tree))
+            program = emit(graph, stages, tree, saved, recomputed)
+            again = [n for n in program.backward if n in graph.forward_names]
+            assert len(again) == len(set(again)) and set(again) <= keep.recomputed
+            exact += set(again) == keep.recomputed
+            checked += 1
+    assert checked >= 10 and exact >= checked * 3 / 4
+
+
+@pytest.mark.parametrize("name", ["gpt2", "preact_resnet29", "densenet40"])
+def test_plans_on_leaner_keeps_equal_eager(name, monkeypatch):
+    """Only trees with a leaner keep are offered: dropout masks, BatchNorm statistics,
+    outputs and gradients still match eager, and the peak its prediction."""
+    trees_of = chain_dp.chain_trees
+
+    def leaner_only(graph, config):
+        stages, trees = trees_of(graph, config)
+        return stages, [tree for tree in trees if uses_leaner_keep(tree)]
+
+    monkeypatch.setattr(chain_dp, "chain_trees", leaner_only)
+    case = build(name)
+    eager = eager_twin(case)
+    plan = memplan.optimize(case.model, "100%", example_inputs=case.args,
+                            example_kwargs=case.kwargs, method="chain-dp")
+    assert plan.program.recomputed
+    assert_matches_eager(plan, case, eager)
+    assert_measured_peak(plan, case)
+
+
+def test_leaner_keeps_never_cost_more_and_often_less():
+    """The trees of the chain without leaner keeps stay candidates, so a plan never gets dearer,
+    nor a budget infeasible; on three models, six of the fifteen budgets get cheaper."""
+    cheaper = 0
+    for name in ("gpt2", "densenet40", "llama"):
+        graph, times = captured(name)
+        peak = solve("none", graph, 2**62, config=SolverConfig(node_time_s=times)).peak_bytes
+        for fraction in (0.8, 0.6, 0.5, 0.4, 0.3):
+            budget = int(peak * fraction)
+            lean, whole = (solve("chain-dp", graph, budget,
+                                 config=SolverConfig(node_time_s=times, dp_keeps=keeps))
+                           for keeps in (SolverConfig().dp_keeps, 0))
+            assert lean.feasible >= whole.feasible
+            if whole.feasible:
+                assert lean.peak_bytes <= budget and lean.recompute_s <= whole.recompute_s
+                cheaper += lean.recompute_s < whole.recompute_s
+    assert cheaper >= 4
