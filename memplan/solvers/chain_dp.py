@@ -152,22 +152,27 @@ class ChainDP:
         slots = np.arange(slot_count + 1)
         cost = self.cost = np.full((count, count, len(slots)), _INFEASIBLE)
         choice = self.choice = np.full((count, count, len(slots)), _KEEP, dtype=np.int32)
+        # per stage and keep, at each slot count m: where C(s+1, t) is read (m - kept), whether
+        # that is below zero slots, and the stage's own time with that keep
+        keep_reads = []
         for s in range(count):
             cost[s, s] = np.where(slots >= leaf[s], model.forward_s[s] + model.backward_s[s],
                                   _INFEASIBLE)
+            index = slots - np.array(kept[s])[:, None]
+            own_s = model.forward_s[s] + model.backward_s[s] + np.array(model.keep_s[s])[:, None]
+            keep_reads.append((index.clip(min=0), index < 0, own_s))
         for length in range(2, count + 1):
             for s in range(count - length + 1):
                 t = s + length - 1
                 # grad of stages s+1..t are held while stage s runs its backward
                 leaf_fits = slots - (grad_after[s + 1] - grad_after[t + 1]) >= leaf[s]
-                keep = np.full(len(slots), _INFEASIBLE)
-                keep_choice = np.full(len(slots), _KEEP, dtype=np.int32)
-                for option, (kept_slots, recompute_s) in enumerate(zip(kept[s], model.keep_s[s])):
-                    this = model.forward_s[s] + model.backward_s[s] + recompute_s + _shifted(
-                        cost[s + 1, t], kept_slots)
-                    cheaper = leaf_fits & (this < keep)
-                    keep = np.where(cheaper, this, keep)
-                    keep_choice = np.where(cheaper, _KEEP - option, keep_choice)
+                index, below, own_s = keep_reads[s]
+                keeps = cost[s + 1, t][index]
+                keeps[below] = _INFEASIBLE
+                keeps += own_s
+                option = keeps.argmin(axis=0)
+                keep = np.where(leaf_fits, keeps[option, slots], _INFEASIBLE)
+                keep_choice = _KEEP - option
                 # split[i]: the cost of splitting at k = s + 1 + i, summed in the order
                 # forward[s..k-1] + C(k, t, m - x[s]) + C(s, k-1, m - grads held)
                 k = np.arange(s + 1, t + 1)
