@@ -142,14 +142,16 @@ class _Emitter:
                 self.order.append(name)
                 ready.add(name)
         elif isinstance(tree, Keep):
-            scope = set(scope)
+            outer, scope = scope, set(scope)
             kept = self.stages.kept(tree.stage, tree.option)
             self.materialize(kept, scope)
             # a value the keep leaves out is recomputed by the stage's backward, even where
             # computing a kept value passed through it: holding it would free nothing
             scope -= self.stages.needs[tree.stage] - kept
             self.run(tree.rest, scope)
-            self.run(Leaf(tree.stage), scope)
+            # and recomputed from what the keep holds, not from what computing the kept values
+            # passed through: that would be held across ``rest``
+            self.run(Leaf(tree.stage), outer | kept)
         else:
             cut = self.stages.cut_before(tree.stage) & self.needed
             self.materialize(cut, set(scope))

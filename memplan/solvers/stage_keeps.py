@@ -37,7 +37,8 @@ class StageKeep:
 def stage_keeps(graph: JointGraph, stages: Stages, times: Mapping[str, float],
                 count: int) -> tuple[tuple[StageKeep, ...], ...]:
     """Per stage, keeping everything its backward reads first, then up to ``count`` leaner keeps."""
-    return tuple(_keeps(graph, stages.needs[s], stages.cut_before(s), times, count)
+    return tuple(_keeps(graph, stages.needs[s], stages.cut_before(s),
+                        stages.cut_before(s + 1) if s + 1 < stages.count else set(), times, count)
                  for s in range(stages.count))
 
 
@@ -67,18 +68,22 @@ def _groups(graph: JointGraph, names: list[str]) -> list[tuple[str, ...]]:
     return [tuple(group) for group in members.values()]
 
 
-def _keeps(graph: JointGraph, needs: frozenset[str], cut: set[str], times: Mapping[str, float],
-           count: int) -> tuple[StageKeep, ...]:
+def _keeps(graph: JointGraph, needs: frozenset[str], cut: set[str], next_cut: set[str],
+           times: Mapping[str, float], count: int) -> tuple[StageKeep, ...]:
+    """The keeps of a stage whose input cut is ``cut`` and output cut ``next_cut``: values of
+    either are held by the chain whatever the stage keeps, so they are never dropped, and a
+    storage one of them refers to is never freed."""
     index, nodes = graph.index, graph.by_name
     everything = StageKeep(frozenset(needs), frozenset())
     if count <= 0:
         return (everything,)
     unrecomputable = graph.unrecomputable
-    droppable = sorted((n for n in needs if n not in cut and n not in unrecomputable
-                        and nodes[n].phase is Phase.FORWARD), key=index.__getitem__)
+    droppable = sorted((n for n in needs if n not in cut and n not in next_cut
+                        and n not in unrecomputable and nodes[n].phase is Phase.FORWARD),
+                       key=index.__getitem__)
     groups = _groups(graph, droppable)
     # a storage is freed when no kept value and no cut value refers to it
-    references = Counter(s for name in needs | cut for s in nodes[name].storages)
+    references = Counter(s for name in needs | cut | next_cut for s in nodes[name].storages)
     resident = graph._primal_storages
     kept = set(needs)
     recomputed: set[str] = set()
@@ -121,6 +126,7 @@ def _keeps(graph: JointGraph, needs: frozenset[str], cut: set[str], times: Mappi
         kept.difference_update(best)
         # what the recomputation reads of those is held with the keep (the chain DP counts the
         # input cut as held; a random draw is always saved): on the forward pass, it is saved
+        references.update(s for name in reads - kept - cut - next_cut for s in nodes[name].storages)
         kept |= reads
         references.subtract(s for name in best for s in nodes[name].storages)
         total += bytes_freed
