@@ -18,7 +18,8 @@ incoming gradient counted in m:
 Memory is discretised into slots, sizes rounded up, once for each count in ``config.dp_slots``.
 The DP's memory model is an estimate; the simulator is the judge: the distinct optimal trees at
 ``config.dp_candidates`` slot counts spread evenly over the feasible range, and as many spread
-geometrically, become programs, and the cheapest program whose simulated peak fits wins. The
+geometrically, of the chain with its leaner keeps and of the chain without them, become
+programs, and the cheapest program whose simulated peak fits wins. The
 candidates do not depend on the budget, so a larger budget never gives a slower schedule, nor a
 smaller one a larger peak.
 """
