@@ -104,7 +104,7 @@ def chain_model(graph: JointGraph, stages: Stages, times: Mapping[str, float],
     for p, name in enumerate(stages.cuts.order):
         forward_s[position_stage[p]] += times.get(name, 0.0)
     backward_s = [sum(times.get(n, 0.0) for n in group) for group in stages.groups]
-    cuts = [stages.cut_before(s) for s in range(count)] + [set()]
+    cuts = [stages.cut_before(s) for s in range(count + 1)]
     cut_bytes = [_bytes(graph, c) for c in cuts]
     kept_bytes, keep_s, leaf_bytes, grad_bytes = [], [], [], []
     for s in range(count):

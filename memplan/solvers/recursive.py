@@ -66,8 +66,9 @@ class Stages:
         return len(self.groups)
 
     def cut_before(self, stage: int) -> set[str]:
-        """The values kept at the cut that starts ``stage`` (empty before the first)."""
-        return self.cuts.keep([self.boundaries[stage - 1]]) if stage > 0 else set()
+        """The values kept at the cut that starts ``stage`` (empty before the first stage, and
+        at ``count``, after the last)."""
+        return self.cuts.keep([self.boundaries[stage - 1]]) if 0 < stage < self.count else set()
 
 
 def make_stages(graph: JointGraph, cuts: Cuts, boundaries: list[int], single_level: Program) -> Stages:

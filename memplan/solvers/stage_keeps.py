@@ -37,14 +37,13 @@ class StageKeep:
 def stage_keeps(graph: JointGraph, stages: Stages, times: Mapping[str, float],
                 count: int) -> tuple[tuple[StageKeep, ...], ...]:
     """Per stage, keeping everything its backward reads first, then up to ``count`` leaner keeps."""
-    return tuple(_keeps(graph, stages.needs[s], stages.cut_before(s),
-                        stages.cut_before(s + 1) if s + 1 < stages.count else set(), times, count)
+    return tuple(_keeps(graph, stages.needs[s], stages.cut_before(s), stages.cut_before(s + 1),
+                        times, count)
                  for s in range(stages.count))
 
 
 def _groups(graph: JointGraph, names: list[str]) -> list[tuple[str, ...]]:
     """``names`` joined where they share a storage, each group in joint order."""
-    group_of: dict[str, int] = {}
     owner: dict[int, int] = {}
     parent = list(range(len(names)))
 
@@ -60,11 +59,9 @@ def _groups(graph: JointGraph, names: list[str]) -> list[tuple[str, ...]]:
                 parent[root(i)] = root(owner[storage])
             else:
                 owner[storage] = i
-    for i, name in enumerate(names):
-        group_of[name] = root(i)
     members: dict[int, list[str]] = {}
-    for name in names:
-        members.setdefault(group_of[name], []).append(name)
+    for i, name in enumerate(names):
+        members.setdefault(root(i), []).append(name)
     return [tuple(group) for group in members.values()]
 
 
