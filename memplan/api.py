@@ -99,13 +99,13 @@ def plan_step(graph: JointGraph, budget: Any, method: str, device: torch.device,
     headroom = headroom_bytes(budget_bytes, device)
     planned_bytes = budget_bytes - headroom - graphs_bytes
     if method == "auto":
-        alternatives = solve_auto(graph, planned_bytes, config=config)
+        alternatives = solve_auto(graph, planned_bytes, config=config, unplanned=baseline)
     else:
         alternatives = [solve(method, graph, planned_bytes, config=config)]
     chosen = alternatives[0]
     if not chosen.feasible:
         if method != "auto":
-            alternatives = solve_auto(graph, planned_bytes, config=config)
+            alternatives = solve_auto(graph, planned_bytes, config=config, unplanned=baseline)
         smallest = min(alternatives, key=lambda s: s.peak_bytes)
         minimum = budget_for_peak(smallest.peak_bytes + graphs_bytes, device)
         raise InfeasibleBudgetError(
