@@ -87,11 +87,13 @@ def host_link(device: torch.device) -> HostLink:
 
 def plan_step(graph: JointGraph, budget: Any, method: str, device: torch.device, *,
               node_time_s: dict[str, float], time_limit_s: float = 30.0,
+              deterministic_time: float | None = None,
               graphs_bytes: int = 0, link: HostLink | None = None) -> PlanResult:
     """Solve for one captured graph: the cheapest schedule whose simulated peak fits, beside
     ``graphs_bytes`` of CUDA graphs; with a ``link``, each fitting schedule is also tried with
     some of its recomputation offloaded instead."""
-    config = SolverConfig(node_time_s=node_time_s, time_limit_s=time_limit_s)
+    config = SolverConfig(node_time_s=node_time_s, time_limit_s=time_limit_s,
+                          deterministic_time=deterministic_time)
     unlimited = 2**62
     baseline = solve("none", graph, unlimited, config=config)
     budget_bytes = parse_budget(budget, baseline.peak_bytes,
@@ -205,13 +207,15 @@ class Plan:
 def optimize(model: torch.nn.Module, budget: Any, *, example_inputs: tuple | None = None,
              example_kwargs: dict | None = None, method: str = "auto", compile: bool = False,
              cuda_graphs: bool = False, offload: bool = False, cost_model: str = "analytic",
-             time_limit_s: float = 30.0) -> Plan:
+             time_limit_s: float = 30.0, deterministic_time: float | None = None) -> Plan:
     """Plan ``model``'s training step to fit ``budget``; see ``memplan.parse_budget`` for forms.
 
     ``method="auto"`` keeps the cheapest plan of the fast solvers (seconds, reproducible; with
     ``offload``, not where its search is cut at ``time_limit_s``, which the report says);
     ``method="cpsat"`` starts from those and searches for a cheaper plan and its optimality gap,
     within ``time_limit_s`` in all; the offload search (below) stops after ``time_limit_s`` too.
+    With ``deterministic_time``, CP-SAT's search stops at that much of its deterministic time
+    instead: the same plan for the same model and budget, however long the search takes.
 
     ``cost_model`` prices recomputation: ``"analytic"`` (a roofline, no device time) or
     ``"profile"`` (each distinct op timed once on the device, cached on disk).
@@ -266,7 +270,9 @@ def optimize(model: torch.nn.Module, budget: Any, *, example_inputs: tuple | Non
                                "cuda_graphs" if cuda_graphs else "eager")
             graphs_bytes = held_bytes(model, flat, graph) if cuda_graphs else 0
             holder["result"] = plan_step(graph, budget, method, device, node_time_s=times,
-                                         time_limit_s=time_limit_s, graphs_bytes=graphs_bytes,
+                                         time_limit_s=time_limit_s,
+                                         deterministic_time=deterministic_time,
+                                         graphs_bytes=graphs_bytes,
                                          link=link)
             return holder["result"].chosen.program
 

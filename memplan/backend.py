@@ -20,13 +20,14 @@ from memplan.passes.offload import fetch_in_backward, offload_in_forward
 
 
 def backend(budget: Any, *, method: str = "auto", cost_model: str = "analytic",
-            offload: bool = False, time_limit_s: float = 30.0) -> Callable[..., Any]:
+            offload: bool = False, time_limit_s: float = 30.0,
+            deterministic_time: float | None = None) -> Callable[..., Any]:
     """A torch.compile backend that plans the step under ``budget`` and compiles it with inductor.
 
     The plans it made are in the backend's ``plans`` list, newest last. Their predicted peaks
     count the kernels inductor fuses (``memplan.liveness``): inductor keeps the planned order
     between segments of the graphs (``memplan.inductor``) but can exceed the budget within one.
-    ``offload`` is ``memplan.optimize``'s.
+    ``offload``, ``time_limit_s`` and ``deterministic_time`` are ``memplan.optimize``'s.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: choose one of {list(METHODS)}")
@@ -42,7 +43,8 @@ def backend(budget: Any, *, method: str = "auto", cost_model: str = "analytic",
         def planner(graph, joint):
             times = node_times(cost_model, graph, joint, device, executor="compiled")
             plans.append(plan_step(graph, budget, method, device, node_time_s=times,
-                                   time_limit_s=time_limit_s, link=link))
+                                   time_limit_s=time_limit_s,
+                                   deterministic_time=deterministic_time, link=link))
             return plans[-1].chosen.program
 
         outputs = next(iter(reversed(gm.graph.nodes))).args[0]

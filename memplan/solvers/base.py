@@ -27,6 +27,8 @@ class SolverConfig:
     dp_candidates: int = 32  # slot counts per spread and discretisation whose trees are simulated
     dp_keeps: int = 8  # leaner ways to keep each stage the chain DP may choose (``stage_keeps``)
     time_limit_s: float = 30.0  # CP-SAT's wall-clock limit, heuristic warm start included
+    # CP-SAT's limit in its deterministic time instead: reproducible, however long it takes
+    deterministic_time: float | None = None
     workers: int = 2  # CP-SAT search workers (see cpsat on reproducibility)
     seed: int = 0
 

@@ -31,9 +31,9 @@ FAST_SOLVERS: dict[str, Solver] = {
 
 
 def _cpsat(graph: JointGraph, budget_bytes: int, *, config: SolverConfig) -> StepSchedule:
-    """CP-SAT from the fast solvers' schedules, whose time counts against its limit, so that the
-    limit bounds the whole solve (on ResNet-1001 they alone took longer than the default 30 s,
-    on a 2-core CPU)."""
+    """CP-SAT from the fast solvers' schedules, whose time counts against its wall-clock limit,
+    so that the limit bounds the whole solve (on ResNet-1001 they alone took longer than the
+    default 30 s, on a 2-core CPU); not against a deterministic one."""
     started = time.perf_counter()
     warm_starts = [solver(graph, budget_bytes, config=config) for solver in FAST_SOLVERS.values()]
     left = config.time_limit_s - (time.perf_counter() - started)
