@@ -10,14 +10,18 @@ backward starts; gradients are kept. An offloaded value leaves the device after 
 
 Memory is counted per storage instance: a view adds nothing, a recomputation allocates anew.
 
-A compiled step (``JointGraph.compiled``) runs as inductor's kernels, which do two things the
+A compiled step (``JointGraph.compiled``) runs as inductor's kernels, which do three things the
 graph's order does not show. A pointwise value whose one reader (through views) is a pointwise
 op or a reduction is computed inside that reader's kernel: it is never allocated, and what it
 reads lives until the reader runs. A pointwise op writes its value over an input that dies
 there, of its dtype and size, computed in the same graph and read at the index the op writes
-(``decide_inplace_update``; not a transpose made contiguous). The simulator counts both, within inductor's limits on what one kernel inlines,
-and lists each pair of steps it counted on (``Timeline.fused``): ``memplan.inductor`` keeps
-each pair in one compiled segment, where inductor sees both. On GPT-2 medium's least plan on
+(``decide_inplace_update``; not a transpose made contiguous). And a pointwise op that reads a
+value its kernel writes runs in that kernel, which frees the inputs that die in it only once it
+has written all its values (``_Kernels.join``). The simulator counts all three, within
+inductor's limits on what one kernel inlines, and lists each pair of steps it counted on for
+the first two (``Timeline.fused``): ``memplan.inductor`` keeps each pair in one compiled
+segment, where inductor sees both. A kernel the third finds may be cut by a segment's end, which
+frees its inputs sooner than counted. On GPT-2 medium's least plan on
 an H200 the graph order counted 1,344 MiB for an attention backward whose kernels took 960.5
 (bench/results/segment_peaks_h200.md).
 """
@@ -211,8 +215,12 @@ def _simulate(graph: JointGraph, program: Program, limit_bytes: int | None) -> T
                     readers.setdefault(position[src], []).append(i)
         kernels.inline(lambda i: [position.get(src, src) for src in nodes[program.forward[i]].inputs],
                        lambda i: readers.get(i, ()), lambda i: program.forward[i] in handed_on)
+        kernels.join()
     made_at: dict[int, int] = {}  # storage -> forward step that allocated it
+    freed: list[tuple[_Key, ...]] = []  # by the steps of the kernel that runs last
     for i, name in enumerate(program.forward):
+        if i not in kernels.joined:  # the kernel before has run
+            _release_all(ledger, freed)
         inputs = [fw_keys.get(src) or resident_keys.get(src, ()) for src in nodes[name].inputs]
         if i in kernels.carried:
             keys = _read_keys(inputs)
@@ -227,8 +235,8 @@ def _simulate(graph: JointGraph, program: Program, limit_bytes: int | None) -> T
         ledger.hold(keys)
         fw_keys[name] = keys
         record(nodes[name].workspace_bytes)
-        for dead in dying.get(i, ()):
-            ledger.release(fw_keys[dead])
+        freed.extend(fw_keys[dead] for dead in dying.get(i, ()))
+    _release_all(ledger, freed)
     # Backward: placeholders are the saved values and the tangents; a name may be recomputed
     # more than once, and every use reads its latest instance.
     placeholder_keys = {name: fw_keys.get(name) or resident_keys[name] for name in program.saved}
@@ -289,8 +297,11 @@ def _simulate(graph: JointGraph, program: Program, limit_bytes: int | None) -> T
         kernels.inline(lambda j: [ref[1] if ref[1] >= 0 else ref[0] for ref in binding[j]],
                        lambda j: bw_readers.get(j, ()),
                        lambda j: (program.backward[j], j) in keep_to_end)
+        kernels.join()
     bw_keys: dict[tuple[str, int], tuple[_Key, ...]] = {}
     for j, name in enumerate(program.backward):
+        if j not in kernels.joined:
+            _release_all(ledger, freed)
         for fetched in fetches.get(j, ()):
             for key in placeholder_keys[fetched]:
                 ledger.allocate(key)
@@ -310,8 +321,9 @@ def _simulate(graph: JointGraph, program: Program, limit_bytes: int | None) -> T
         ledger.hold(keys)
         bw_keys[(name, j)] = keys
         record(nodes[name].workspace_bytes)
-        for ref in bw_dying.get(j, ()):
-            ledger.release(bw_keys[ref] if ref[1] >= 0 else placeholder_keys[ref[0]])
+        freed.extend(bw_keys[ref] if ref[1] >= 0 else placeholder_keys[ref[0]]
+                     for ref in bw_dying.get(j, ()))
+    _release_all(ledger, freed)
 
     peak, step, breakdown = best if best[0] >= 0 else (ledger.total, 0, {})
     return Timeline(peak_bytes=peak, peak_step=step, program=program, live_bytes=tuple(live),
@@ -329,6 +341,8 @@ INLINED_OPS = 8
 # holds its segment open (``memplan.inductor``), so a distant one, as a tied weight's gradient
 # added at the end of backward, would keep inductor from being cut into segments.
 FUSED_SPAN = 16
+# Steps of one kernel at most (inductor's ``max_fusion_size``: 64 nodes).
+MAX_FUSED_STEPS = 64
 REDUCTIONS = frozenset({"aten.sum.dim_IntList", "aten.sum.default", "aten.mean.dim",
                         "aten.amax.default", "aten.amin.default", "aten.var_mean.correction"})
 VIEWS = RESHAPES | {"aten.permute.default", "aten.t.default", "aten.transpose.int",
@@ -348,6 +362,7 @@ class _Kernels:
         self.fused, self.offset = fused, offset
         self.reads: dict[int, tuple[frozenset[int], frozenset[int]]] = {}  # carried: ``_reads``
         self.sources: Callable[[int], list[int | str]] = lambda step: []
+        self.joined: set[int] = set()  # steps run in the kernel of the step before them
 
     @property
     def carried(self) -> Collection[int]:
@@ -393,6 +408,37 @@ class _Kernels:
                 work[k] = frozenset(reads), ops
                 self.reads[k] = self._reads(k)
                 self.fused.append((self.offset + k, self.offset + reader))
+
+    def join(self) -> None:
+        """Find the pointwise ops inductor runs in the kernel of the step before them (carried
+        steps aside): those that read, directly or through values computed in their kernel, a
+        value that kernel writes, of the same size and dtype. Such a kernel writes all its
+        values before the inputs that die in it are freed: a chain of residual additions
+        recomputed in ResNet-164's backward (``pointwise`` at 50%, H200) wrote 18 sums of 4 MiB
+        in one kernel, each over nothing, 67 MiB above the graph's order."""
+        nodes, allocates, storages = self.graph.by_name, self.graph.allocates, self.graph.storages
+        kernel: list[int] = []  # allocating steps of the kernel so far
+        carried: list[int] = []  # since its last one: inside it if another joins
+
+        def written(step: int):
+            own = allocates[self.names[step]]
+            return (storages[own[0]].nbytes, storages[own[0]].dtype) if len(own) == 1 else None
+
+        for k, name in enumerate(self.names):
+            if k in self.carried:
+                carried.append(k)
+                continue
+            fusible = nodes[name].pointwise and written(k) is not None
+            straight, other = self._reads(k)
+            if (fusible and kernel and len(kernel) < MAX_FUSED_STEPS
+                    and not self._spans_copy(kernel[0], k)
+                    and any(written(step) == written(k) for step in (straight | other) & set(kernel))):
+                self.joined.update(carried)
+                self.joined.add(k)
+                kernel.append(k)
+            else:
+                kernel = [k] if fusible else []
+            carried = []
 
     def _reads(self, k: int) -> tuple[frozenset[int], frozenset[int]]:
         """The steps of this graph whose values step ``k``'s kernel reads, directly or through
@@ -475,6 +521,12 @@ class _Kernels:
 # Allocated bytes are rounded to the CUDA allocator's 512-byte blocks; past 20 blocks, equal
 # rounded sizes are within the 5% inductor allows between a value and the buffer it reuses.
 _SIZE_FOR_EXACT_MATCH = 20 * 512
+
+
+def _release_all(ledger: _Ledger, freed: list[tuple[_Key, ...]]) -> None:
+    for keys in freed:
+        ledger.release(keys)
+    freed.clear()
 
 
 def _read_keys(inputs: list[tuple[_Key, ...]]) -> tuple[_Key, ...]:
