@@ -105,6 +105,8 @@ MODELS = {
                     _memory_efficient, lambda: _images(16, 224)),
     "resnet1001": ("ResNet-1001 pre-act, batch 64×3×32×32", lambda: resnet1001.model(1001),
                    SequentialCheckpoint, lambda: _images(64, 32)),
+    "resnet164": ("ResNet-164 pre-act, batch 64×3×32×32", lambda: resnet1001.model(164),
+                  SequentialCheckpoint, lambda: _images(64, 32)),
     "gpt2m": ("GPT-2 medium (HF, eager attention, dropout 0.1), 8×1024 tokens", gpt2_medium,
               _hf_checkpointing, lambda: torch.randint(0, 50257, (8, 1024), device="cuda")),
     "gpt2m_sdpa": ("GPT-2 medium (HF, SDPA attention, dropout 0.1), 8×1024 tokens",

@@ -8,7 +8,7 @@ within segments, across them, or before the first op.
 
     python bench/diag/segment_peaks.py MODEL BUDGET [--ops N] [--dump DIR] [--inductor-order]
                                        [--layout-optimization] [--no-tf32] [--probe K]
-                                       [--probe-under] [--channels-last]
+                                       [--probe-under] [--channels-last] [--method M]
 
 MODEL is one of bench/gpu.py's; BUDGET as ``memplan.optimize`` takes it, or ``minimum``.
 Each segment's returned value that inductor gives other strides than the planned graph's is
@@ -223,6 +223,7 @@ def main() -> None:
     parser.add_argument("model", choices=gpu.MODELS)
     parser.add_argument("budget")
     parser.add_argument("--ops", type=int)
+    parser.add_argument("--method", default="auto", help="memplan.optimize's")
     parser.add_argument("--dump", type=Path)
     parser.add_argument("--inductor-order", action="store_true")
     parser.add_argument("--layout-optimization", action="store_true")
@@ -272,7 +273,7 @@ def main() -> None:
     if args.channels_last:
         model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
     budget = core.least_budget(model, x, compile=True) if args.budget == "minimum" else args.budget
-    plan = memplan.optimize(model, budget, example_inputs=(x,), compile=True)
+    plan = memplan.optimize(model, budget, example_inputs=(x,), compile=True, method=args.method)
     for _ in range(2):
         core.step(plan.module, x)
     for p in model.parameters():

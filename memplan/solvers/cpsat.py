@@ -35,8 +35,9 @@ different plans (each simulated, each within budget); with ``workers=1`` and a f
 search that finishes (``gap`` 0) is reproducible. With ``deterministic_time`` it stops at a limit
 of CP-SAT's deterministic time instead, and its workers interleave their work in a fixed order
 (``interleave_search``): the plan is then the same for a fixed seed and worker count, however
-long the search takes on the machine (on GPT-2 medium's compiled graph at 50%, 4 units took 93 s
-on 2 cores and gave +4.2% against chain-dp's +6.3%, which 30 wall-clock seconds did not improve).
+long the search takes on the machine. On the H200's compiled graph of GPT-2 medium at 50% (2 CPU
+cores), 30 wall-clock seconds leave chain-dp's plan (+6.3%) unimproved, as do 4 units (100 s, the
+same plan twice); 8 units took 167 s and found +4.2%.
 """
 
 from __future__ import annotations

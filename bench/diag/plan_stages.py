@@ -1,0 +1,63 @@
+"""Where a compiled plan's planning and compiling time goes: ``compiled_time.py`` with each
+stage of ``memplan.optimize`` timed (export, the solvers, splitting, segmenting, inductor's
+compilations) and memplan's log at INFO (each solver's time).
+
+    python bench/diag/plan_stages.py MODEL CONFIG [compiled_time.py's options]
+
+The stages' times and call counts are printed after compiled_time.py's row; what they leave of
+its plan+compile time is mostly aot_autograd tracing the joint graph.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import functools
+import logging
+import runpy
+import sys
+import time
+from pathlib import Path
+
+import torch._inductor.compile_fx as compile_fx
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parents[1]), str(HERE)]
+import memplan.capture as capture  # noqa: E402
+import memplan.inductor as inductor  # noqa: E402
+import memplan.solvers.registry as registry  # noqa: E402
+
+spent: collections.Counter[str] = collections.Counter()
+calls: collections.Counter[str] = collections.Counter()
+
+
+def timed(module, name: str, label: str) -> None:
+    function = getattr(module, name)
+
+    @functools.wraps(function)
+    def counted(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            spent[label] += time.perf_counter() - start
+            calls[label] += 1
+
+    setattr(module, name, counted)
+
+
+STAGES = [(capture, "_flat_module", "export"), (capture, "measure_workspaces", "workspaces"),
+          (capture, "joint_to_ir", "IR"), (registry, "solve", "solvers"),
+          (capture, "split", "split"), (capture, "simulate", "fused-kernel simulation"),
+          (inductor, "compile_in_segments", "segmenting and compiling"),
+          (compile_fx, "compile_fx_inner", "of which inductor")]
+
+if __name__ == "__main__":
+    for stage in STAGES:
+        timed(*stage)
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("memplan").setLevel(logging.INFO)
+    atexit.register(lambda: print("stages: " + ", ".join(
+        f"{label} {spent[label]:.1f} s ({calls[label]})" for label in spent), flush=True))
+    sys.argv = [str(HERE / "compiled_time.py"), *sys.argv[1:]]
+    runpy.run_path(sys.argv[0], run_name="__main__")
