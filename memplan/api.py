@@ -215,7 +215,8 @@ def optimize(model: torch.nn.Module, budget: Any, *, example_inputs: tuple | Non
     ``method="cpsat"`` starts from those and searches for a cheaper plan and its optimality gap,
     within ``time_limit_s`` in all; the offload search (below) stops after ``time_limit_s`` too.
     With ``deterministic_time``, CP-SAT's search stops at that much of its deterministic time
-    instead: the same plan for the same model and budget, however long the search takes.
+    instead: the same plan for the same model and budget, however long the search takes (the
+    offload search still stops at ``time_limit_s``).
 
     ``cost_model`` prices recomputation: ``"analytic"`` (a roofline, no device time) or
     ``"profile"`` (each distinct op timed once on the device, cached on disk).

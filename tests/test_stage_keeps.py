@@ -120,7 +120,7 @@ def test_leaner_keeps_never_cost_more_and_often_less():
 
 def test_identical_blocks_of_a_stage_are_kept_alike():
     """A keep drops the same values from each of its stage's identical blocks, or none, so that
-    their segments compile alike on the compiled path (ResNet-1001 at 50%: 62 compilations, 88
+    their segments compile alike on the compiled path (ResNet-1001 at 50%: 62 compilations, 87
     with keeps cut mid-way through a run of equal ratios)."""
     graph, times = captured("preact_resnet29")
     representative = representatives(graph)  # a block's node -> the first identical block's

@@ -60,8 +60,9 @@ def solve_auto(graph: JointGraph, budget_bytes: int, *, config: SolverConfig,
     """Every fast solver's schedule, the cheapest fitting one first (stable: registry order on
     ties). ``unplanned``, ``none``'s schedule at another budget, is not simulated again (2 s on
     ResNet-1001's compiled graph)."""
-    schedules = [evaluate(graph, unplanned.program, budget_bytes, method=name, config=config,
-                          timeline=unplanned.timeline)
+    schedules = [replace(evaluate(graph, unplanned.program, budget_bytes, method=name,
+                                  config=config, timeline=unplanned.timeline),
+                         solve_time_s=unplanned.solve_time_s)
                  if name == "none" and unplanned is not None
                  else solve(name, graph, budget_bytes, config=config) for name in FAST_SOLVERS]
     # Ties in time go to the smaller peak, then to registry order (the sort is stable).
