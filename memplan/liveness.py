@@ -415,7 +415,7 @@ class _Kernels:
         value that kernel writes, of the same size and dtype. Such a kernel writes all its
         values before the inputs that die in it are freed: a chain of residual additions
         recomputed in ResNet-164's backward (``pointwise`` at 50%, H200) wrote 18 sums of 4 MiB
-        in one kernel, each over nothing, 67 MiB above the graph's order."""
+        in one kernel, none over its inputs, 67 MiB above the graph's order."""
         nodes, allocates, storages = self.graph.by_name, self.graph.allocates, self.graph.storages
         kernel: list[int] = []  # allocating steps of the kernel so far
         carried: list[int] = []  # since its last one: inside it if another joins
@@ -429,10 +429,10 @@ class _Kernels:
                 carried.append(k)
                 continue
             fusible = nodes[name].pointwise and written(k) is not None
-            straight, other = self._reads(k)
             if (fusible and kernel and len(kernel) < MAX_FUSED_STEPS
                     and not self._spans_copy(kernel[0], k)
-                    and any(written(step) == written(k) for step in (straight | other) & set(kernel))):
+                    and any(written(step) == written(k) for step in set().union(*self._reads(k))
+                            if step in kernel)):
                 self.joined.update(carried)
                 self.joined.add(k)
                 kernel.append(k)
