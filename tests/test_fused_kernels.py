@@ -112,27 +112,30 @@ def test_no_write_over_an_input_of_the_graph():
 
 
 @pytest.mark.parametrize("s2_reads, forward_mib", [
-    (("s1", "r"), [2, 3, 4, 4, 4, 4]),  # s2 in s1's kernel: q, dead at s1, freed after s2
-    (("r",), [2, 3, 4, 4, 3, 4]),  # s2 reads nothing s1's kernel writes: a kernel of its own
+    (("s1", "r"), [2, 3, 4, 4, 4, 4, 4]),  # s2 in s1's kernel: q, dead at s1, freed after s2
+    (("v", "r"), [2, 3, 4, 4, 4, 4, 4]),  # the same through a view of s1
+    (("r",), [2, 3, 4, 4, 3, 3, 4]),  # s2 reads nothing s1's kernel writes: a kernel of its own
 ])
 def test_inputs_dying_in_a_fused_kernel_are_freed_after_it(s2_reads, forward_mib):
-    """p, q, r (extern) -> s1 = p + q, s2 = s1 + r (pointwise; both read by d, so written out)
-    -> d (extern, output). Inductor computes s1 and s2 in one kernel, writing s1 over p and s2
-    over r, and frees q, whose last reader is s1, only after that kernel."""
-    names = ("x", "p", "q", "r", "s1", "s2", "d", "t", "gx")
-    inputs = {"p": ("x",), "q": ("x",), "r": ("x",), "s1": ("p", "q"), "s2": s2_reads,
-              "d": ("s1", "s2"), "gx": ("t",)}
+    """p, q, r (extern) -> s1 = p + q, v = s1.view(...), s2 = v + r (pointwise; s1 and s2 read
+    by d, so written out) -> d (extern, output). Inductor computes s1 and s2 in one kernel,
+    writing s1 over p and s2 over r, and frees q, whose last reader is s1, only after that
+    kernel."""
+    names = ("x", "p", "q", "r", "s1", "v", "s2", "d", "t", "gx")
+    inputs = {"p": ("x",), "q": ("x",), "r": ("x",), "s1": ("p", "q"), "v": ("s1",),
+              "s2": s2_reads, "d": ("s1", "s2"), "gx": ("t",)}
     phase = {"x": Phase.PRIMAL, "t": Phase.TANGENT, "gx": Phase.BACKWARD}
-    nodes = tuple(Node(name=name, phase=phase.get(name, Phase.FORWARD),
-                       inputs=inputs.get(name, ()), storages=(i,), pointwise=name.startswith("s"),
-                       op="aten.add.Tensor" if name.startswith("s") else "aten.mm.default",
+    op = {"s1": "aten.add.Tensor", "s2": "aten.add.Tensor", "v": "aten.view.default"}
+    nodes = tuple(Node(name=name, phase=phase.get(name, Phase.FORWARD), inputs=inputs.get(name, ()),
+                       storages=(names.index("s1") if name == "v" else i,),
+                       pointwise=name in ("s1", "s2"), op=op.get(name, "aten.mm.default"),
                        dense=True) for i, name in enumerate(names))
     graph = JointGraph(nodes=nodes, storages=tuple(Storage(MiB, Category.ACTIVATION, "float32")
                                                    for _ in names),
                        forward_outputs=("d",), user_output_count=1, backward_outputs=("gx",),
                        compiled=True)
-    timeline = simulate(graph, Program(forward=names[1:7], saved=(), backward=("gx",)))
-    assert [n // MiB for n in timeline.live_bytes[:6]] == forward_mib
+    timeline = simulate(graph, Program(forward=names[1:8], saved=(), backward=("gx",)))
+    assert [n // MiB for n in timeline.live_bytes[:7]] == forward_mib
 
 
 def test_compiled_segments_keep_fused_steps_together(monkeypatch):
