@@ -132,6 +132,17 @@ class JointGraph:
             i in mutated and i not in node.state_inputs for i in node.inputs))
 
     @cached_property
+    def recomputable_inputs(self) -> dict[str, tuple[str, ...]]:
+        """The inputs of each forward value that may be recomputed (not ``unrecomputable``)."""
+        return {node.name: node.inputs for node in self.nodes_of(Phase.FORWARD)
+                if node.name not in self.unrecomputable}
+
+    @cached_property
+    def savable(self) -> frozenset[str]:
+        """The values backward may receive from the step: primals and forward values."""
+        return self.forward_names | {node.name for node in self.nodes_of(Phase.PRIMAL)}
+
+    @cached_property
     def laid_out_as_allocated(self) -> frozenset[str]:
         """Values whose elements sit in their storage in the order of the dense value that
         allocated it: that value (or a multi-output op's output), and views of it that only

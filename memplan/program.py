@@ -64,10 +64,10 @@ def must_save(graph: JointGraph, node: Node) -> bool:
 
 def complete_saved_set(graph: JointGraph, keep: Iterable[str]) -> tuple[frozenset[str], list[str]]:
     """Steps 1 and 2: the saved set backward really receives, and what it recomputes."""
-    keep = set(keep)
-    nodes, unrecomputable = graph.by_name, graph.unrecomputable
-    saved: set[str] = set()
-    recompute: set[str] = set()
+    keep = keep if isinstance(keep, (set, frozenset)) else set(keep)
+    inputs_of, savable = graph.recomputable_inputs, graph.savable
+    saved: list[str] = []
+    recompute: list[str] = []
     stack = list(graph.read_by_backward)  # the backward nodes read these whatever is kept
     seen: set[str] = set()
     while stack:
@@ -75,13 +75,13 @@ def complete_saved_set(graph: JointGraph, keep: Iterable[str]) -> tuple[frozense
         if name in seen:
             continue
         seen.add(name)
-        node = nodes[name]
-        if node.phase is Phase.PRIMAL or (node.phase is Phase.FORWARD and (
-                name in keep or name in unrecomputable)):
-            saved.add(name)
-        elif node.phase is Phase.FORWARD:
-            recompute.add(name)
-            stack.extend(node.inputs)
+        inputs = inputs_of.get(name)
+        if inputs is None or name in keep:
+            if name in savable:
+                saved.append(name)
+        else:
+            recompute.append(name)
+            stack.extend(inputs)
     index = graph.index
     return frozenset(saved), sorted(recompute, key=index.__getitem__)
 
