@@ -138,13 +138,17 @@ def test_the_warm_starts_count_against_the_time_limit(monkeypatch):
         searched.append(config.time_limit_s)
         return warm_starts[0]
 
-    monkeypatch.setitem(registry.FAST_SOLVERS, "slow", slow)
+    def register_slow():
+        monkeypatch.setitem(registry.FAST_SOLVERS, "slow", slow)
+        monkeypatch.setitem(registry.SOLVERS, "slow", slow)
+
+    register_slow()
     monkeypatch.setattr(registry.cpsat, "solve", search)
     graph = tanh_mlp(4)
     solve("cpsat", graph, 2**62, config=config_for(graph, time_limit_s=5))
     assert searched and searched[0] <= 4.5
     monkeypatch.undo()
-    monkeypatch.setitem(registry.FAST_SOLVERS, "slow", slow)
+    register_slow()
     schedule = solve("cpsat", graph, 2**62, config=config_for(graph, time_limit_s=0.4))
     assert "no time left to search" in schedule.detail
 

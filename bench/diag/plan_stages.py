@@ -1,8 +1,11 @@
 """Where a compiled plan's planning and compiling time goes: ``compiled_time.py`` with each
-stage of ``memplan.optimize`` timed (export, the solvers, splitting, segmenting, inductor's
-compilations) and memplan's log at INFO (each solver's time).
+stage of ``memplan.optimize`` timed (export, planning, splitting, segmenting, inductor's
+compilations) and memplan's log at INFO (each solver's time: on large graphs the fast solvers
+run side by side, so planning takes less than their sum).
 
-    python bench/diag/plan_stages.py MODEL CONFIG [compiled_time.py's options]
+    python bench/diag/plan_stages.py MODEL CONFIG [--serial] [compiled_time.py's options]
+
+``--serial`` runs the fast solvers one after another whatever the graph's size.
 
 The stages' times and call counts are printed after compiled_time.py's row; what they leave of
 its plan+compile time is mostly aot_autograd tracing the joint graph.
@@ -23,6 +26,7 @@ import torch._inductor.compile_fx as compile_fx
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parents[1]), str(HERE)]
+import memplan.api as api  # noqa: E402
 import memplan.capture as capture  # noqa: E402
 import memplan.inductor as inductor  # noqa: E402
 import memplan.solvers.registry as registry  # noqa: E402
@@ -47,7 +51,7 @@ def timed(module, name: str, label: str) -> None:
 
 
 STAGES = [(capture, "_flat_module", "export"), (capture, "measure_workspaces", "workspaces"),
-          (capture, "joint_to_ir", "IR"), (registry, "solve", "solvers"),
+          (capture, "joint_to_ir", "IR"), (api, "plan_step", "planning"),
           (capture, "split", "split"), (capture, "simulate", "fused-kernel simulation"),
           (inductor, "compile_in_segments", "segmenting and compiling"),
           (compile_fx, "compile_fx_inner", "of which inductor")]
@@ -59,5 +63,8 @@ if __name__ == "__main__":
     logging.getLogger("memplan").setLevel(logging.INFO)
     atexit.register(lambda: print("stages: " + ", ".join(
         f"{label} {spent[label]:.1f} s ({calls[label]})" for label in spent), flush=True))
+    if "--serial" in sys.argv:
+        sys.argv.remove("--serial")
+        registry.PARALLEL_MIN_NODES = sys.maxsize
     sys.argv = [str(HERE / "compiled_time.py"), *sys.argv[1:]]
     runpy.run_path(sys.argv[0], run_name="__main__")

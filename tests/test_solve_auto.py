@@ -1,0 +1,43 @@
+"""``solve_auto`` on large graphs: the fast solvers forked side by side plan as they do one
+after another."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+
+import pytest
+
+import memplan
+from memplan.cost_models import for_device
+from memplan.solvers import SolverConfig, registry, solve_auto
+from zoo import build
+
+
+def test_forked_solvers_give_the_schedules_they_give_one_after_another(monkeypatch):
+    if registry._cores() < 2:
+        pytest.skip("one core: the solvers run one after another")
+    case = build("densenet40")
+    plan = memplan.optimize(case.model, "100%", example_inputs=case.args, method="none")
+    graph = plan._result().graph
+    config = SolverConfig(node_time_s=for_device("cpu").times(graph))
+    budget = plan.baseline_peak_bytes // 2
+    solve = registry.solve
+
+    def solve_noting_the_process(method, graph, budget_bytes, *, config):
+        schedule = solve(method, graph, budget_bytes, config=config)
+        return replace(schedule, detail=f"{schedule.detail} (process {os.getpid()})")
+
+    monkeypatch.setattr(registry, "solve", solve_noting_the_process)
+    assert len(graph.nodes) < registry.PARALLEL_MIN_NODES
+    in_turn = solve_auto(graph, budget, config=config)
+    monkeypatch.setattr(registry, "PARALLEL_MIN_NODES", len(graph.nodes))
+    side_by_side = solve_auto(graph, budget, config=config)
+
+    here = f"(process {os.getpid()})"
+    assert all(s.detail.endswith(here) for s in in_turn)
+    assert not any(s.detail.endswith(here) for s in side_by_side)
+    assert len({s.detail.rsplit("(", 1)[1] for s in side_by_side}) > 1
+    summary = lambda s: (s.method, s.feasible, s.peak_bytes, s.recompute_s, s.program,  # noqa: E731
+                         s.timeline, s.detail.rsplit(" (", 1)[0])
+    assert [summary(s) for s in side_by_side] == [summary(s) for s in in_turn]
