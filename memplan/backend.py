@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 import torch.fx as fx
 
 from memplan.api import METHODS, PlanResult, host_link, plan_step
-from memplan.capture import collecting_once, device_of, make_partition
+from memplan.capture import device_of, make_partition
 from memplan.cost_models import check_cost_model, node_times
 from memplan.errors import CaptureError
 from memplan.inductor import compile_with_inductor
@@ -50,11 +50,10 @@ def backend(budget: Any, *, method: str = "auto", cost_model: str = "analytic",
         outputs = next(iter(reversed(gm.graph.nodes))).args[0]
         partition = make_partition(planner, result, device=device, user_outputs=len(outputs),
                                    param_count=0, buffer_count=0, eager=False)
-        with collecting_once():
-            return compile_with_inductor(
-                gm, example_inputs, partition,
-                rewrite_forward=lambda g: offload_in_forward(g, result["program"]),
-                rewrite_backward=lambda g: fetch_in_backward(g, result["program"]))
+        return compile_with_inductor(
+            gm, example_inputs, partition,
+            rewrite_forward=lambda g: offload_in_forward(g, result["program"]),
+            rewrite_backward=lambda g: fetch_in_backward(g, result["program"]))
 
     memplan_backend.plans = plans
     return memplan_backend

@@ -11,7 +11,6 @@ callable that runs the captured graphs directly: no tracing and no dynamo at cal
 from __future__ import annotations
 
 import contextlib
-import gc
 import logging
 import operator
 import sys
@@ -438,34 +437,11 @@ def _recursion_limit(limit: int):
         sys.setrecursionlimit(previous)
 
 
-@contextlib.contextmanager
-def collecting_once():
-    """Python's garbage collector off, then one collection. Tracing a deep model creates
-    millions of objects that live on, and each full collection walks every one again: on
-    ResNet-1001 (2-core CPU, compiled, inductor stubbed), 20 full collections took 10.5 s of
-    119 s. The one collection after it frees what the capture left in reference cycles (among
-    them, on CUDA, tensors the step's peak would otherwise count)."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-        gc.collect()
-
-
 def capture(model: torch.nn.Module, args: tuple, kwargs: dict, planner: Planner, *,
             compile: bool = False) -> tuple[CapturedStep, Any]:
     """Trace, plan and split one training step; returns the step and the output spec.
 
     The graphs run eagerly as boxed fx code, or, with ``compile``, through inductor."""
-    with collecting_once():
-        return _capture(model, args, kwargs, planner, compile=compile)
-
-
-def _capture(model: torch.nn.Module, args: tuple, kwargs: dict, planner: Planner, *,
-             compile: bool) -> tuple[CapturedStep, Any]:
     gm, out_spec, user_outputs = _flat_module(model, args, kwargs)
     flat_inputs = pytree.tree_leaves((args, kwargs))
     result: dict[str, Any] = {}

@@ -65,23 +65,6 @@ def test_untraceable_model_raises_capture_error_saying_what_to_do(model_type):
     assert "data-dependent" in message and "traceable" in message
 
 
-@pytest.mark.parametrize("enabled", [True, False])
-def test_capture_leaves_the_garbage_collector_as_it_found_it(enabled):
-    """Capture pauses the collector (``memplan.capture.collecting_once``), also when it fails."""
-    import gc
-
-    was = gc.isenabled()
-    (gc.enable if enabled else gc.disable)()
-    try:
-        memplan.optimize(nn.Linear(8, 8), "100%", example_inputs=(torch.randn(4, 8),))
-        assert gc.isenabled() == enabled
-        with pytest.raises(memplan.CaptureError):
-            memplan.optimize(ItemInBranch(), "100%", example_inputs=(torch.randn(4, 8),))
-        assert gc.isenabled() == enabled
-    finally:
-        (gc.enable if was else gc.disable)()
-
-
 def test_model_without_gradients_raises_capture_error():
     model = nn.Linear(8, 8).requires_grad_(False)
     with pytest.raises(memplan.CaptureError, match="no backward"):
