@@ -3,6 +3,7 @@ after another."""
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import replace
 
@@ -33,6 +34,7 @@ def test_forked_solvers_give_the_schedules_they_give_one_after_another(monkeypat
     in_turn = solve_auto(graph, budget, config=config)
     monkeypatch.setattr(registry, "PARALLEL_MIN_NODES", len(graph.nodes))
     side_by_side = solve_auto(graph, budget, config=config)
+    assert gc.get_freeze_count() == 0  # frozen while they ran, then not
 
     here = f"(process {os.getpid()})"
     assert all(s.detail.endswith(here) for s in in_turn)
@@ -41,3 +43,20 @@ def test_forked_solvers_give_the_schedules_they_give_one_after_another(monkeypat
     summary = lambda s: (s.method, s.feasible, s.peak_bytes, s.recompute_s, s.program,  # noqa: E731
                          s.timeline, s.detail.rsplit(" (", 1)[0])
     assert [summary(s) for s in side_by_side] == [summary(s) for s in in_turn]
+
+
+def test_a_heap_the_caller_froze_stays_frozen(monkeypatch):
+    if registry._cores() < 2:
+        pytest.skip("one core: the solvers run one after another")
+    case = build("densenet40")
+    plan = memplan.optimize(case.model, "100%", example_inputs=case.args, method="none")
+    graph = plan._result().graph
+    monkeypatch.setattr(registry, "PARALLEL_MIN_NODES", len(graph.nodes))
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        solve_auto(graph, plan.baseline_peak_bytes // 2,
+                   config=SolverConfig(node_time_s=for_device("cpu").times(graph)))
+        assert gc.get_freeze_count() == frozen
+    finally:
+        gc.unfreeze()
