@@ -14,15 +14,22 @@ from memplan.cost_models import for_device
 from memplan.solvers import SolverConfig, registry, solve_auto
 from zoo import build
 
+pytestmark = pytest.mark.skipif(registry._cores() < 2,
+                                reason="one core: the solvers run one after another")
 
-def test_forked_solvers_give_the_schedules_they_give_one_after_another(monkeypatch):
-    if registry._cores() < 2:
-        pytest.skip("one core: the solvers run one after another")
+
+def densenet40_at_half():
+    """DenseNet-40's graph (fewer nodes than ``PARALLEL_MIN_NODES``), half its unplanned peak,
+    and the CPU's times."""
     case = build("densenet40")
     plan = memplan.optimize(case.model, "100%", example_inputs=case.args, method="none")
     graph = plan._result().graph
-    config = SolverConfig(node_time_s=for_device("cpu").times(graph))
-    budget = plan.baseline_peak_bytes // 2
+    assert len(graph.nodes) < registry.PARALLEL_MIN_NODES
+    return graph, plan.baseline_peak_bytes // 2, SolverConfig(node_time_s=for_device("cpu").times(graph))
+
+
+def test_forked_solvers_give_the_schedules_they_give_one_after_another(monkeypatch):
+    graph, budget, config = densenet40_at_half()
     solve = registry.solve
 
     def solve_noting_the_process(method, graph, budget_bytes, *, config):
@@ -30,7 +37,6 @@ def test_forked_solvers_give_the_schedules_they_give_one_after_another(monkeypat
         return replace(schedule, detail=f"{schedule.detail} (process {os.getpid()})")
 
     monkeypatch.setattr(registry, "solve", solve_noting_the_process)
-    assert len(graph.nodes) < registry.PARALLEL_MIN_NODES
     in_turn = solve_auto(graph, budget, config=config)
     monkeypatch.setattr(registry, "PARALLEL_MIN_NODES", len(graph.nodes))
     side_by_side = solve_auto(graph, budget, config=config)
@@ -46,17 +52,12 @@ def test_forked_solvers_give_the_schedules_they_give_one_after_another(monkeypat
 
 
 def test_a_heap_the_caller_froze_stays_frozen(monkeypatch):
-    if registry._cores() < 2:
-        pytest.skip("one core: the solvers run one after another")
-    case = build("densenet40")
-    plan = memplan.optimize(case.model, "100%", example_inputs=case.args, method="none")
-    graph = plan._result().graph
+    graph, budget, config = densenet40_at_half()
     monkeypatch.setattr(registry, "PARALLEL_MIN_NODES", len(graph.nodes))
     gc.freeze()
     try:
         frozen = gc.get_freeze_count()
-        solve_auto(graph, plan.baseline_peak_bytes // 2,
-                   config=SolverConfig(node_time_s=for_device("cpu").times(graph)))
+        solve_auto(graph, budget, config=config)
         assert gc.get_freeze_count() == frozen
     finally:
         gc.unfreeze()
