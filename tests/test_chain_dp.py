@@ -194,10 +194,11 @@ def test_multi_level_schedules_recompute_only_what_a_later_step_reads(name):
 
 def test_skipping_programs_that_cannot_fit_changes_no_schedule(monkeypatch):
     """``evaluate_all`` does not simulate a program whose forward alone ends above the budget,
-    nor the rest of one once a step goes above it, unless nothing fits; chen-greedy simulates
-    its candidates cheapest first and stops at the first that fits. The fast solvers choose
-    what they chose when every candidate was simulated whole, at budgets from ample to
-    infeasible, and name the same smallest peak when none fits."""
+    nor the rest of one once a step goes above it; chen-greedy simulates its candidates
+    cheapest first and stops at the first that fits; when none fits, ``least_peak`` simulates
+    them by their forward ends, each until it goes above the smallest peak so far. The fast
+    solvers choose what they chose when every candidate was simulated whole, at budgets from
+    ample to infeasible, and name the same smallest peak when none fits."""
     import memplan.solvers.base as base
     from memplan.liveness import forward_end_bytes, simulate
     from memplan.solvers import SolverConfig, chain_dp, chen_greedy, pointwise, solve_auto
@@ -220,22 +221,27 @@ def test_skipping_programs_that_cannot_fit_changes_no_schedule(monkeypatch):
     skipping = [solve_auto(graph, budget, config=config) for budget in budgets]
     simulated_when_skipping = len(simulated)
 
-    def every_program_whole(graph, programs, budget_bytes, *, method, config, first_fit=False,
-                            every_one_if_none_fits=True):
+    def every_program_whole(graph, programs, budget_bytes, *, method, config, first_fit=False):
         """Each program simulated whole; of those that fit, the one each solver's rule picks
         (chen-greedy: the cheapest, then the smallest peak; the chain DP and pointwise: the
-        first in their order), and all of them when none fits, unless asked for none."""
+        first in their order)."""
         schedules = [base.evaluate(graph, p, budget_bytes, method=method, config=config)
                      for p in programs]
         fitting = [s for s in schedules if s.feasible]
         if fitting and method == "chen-greedy":
             return [min(fitting, key=lambda s: (s.recompute_s, s.peak_bytes))]
-        if not fitting:
-            return schedules if every_one_if_none_fits else []
         return fitting[:1] if first_fit else fitting
+
+    def least_peak_of_all(graph, candidates, budget_bytes, *, method, config):
+        """Every candidate simulated whole: the smallest peak, the least time, the earliest."""
+        schedules = [base.evaluate(graph, c.build(), budget_bytes, method=method, config=config)
+                     for c in candidates]
+        return min(enumerate(schedules), key=lambda e: (e[1].peak_bytes, e[1].recompute_s, e[0]))[1]
 
     for solver in (chain_dp, chen_greedy, pointwise):
         monkeypatch.setattr(solver, "evaluate_all", every_program_whole)
+    for solver in (chain_dp, chen_greedy):
+        monkeypatch.setattr(solver, "least_peak", least_peak_of_all)
     everything = [solve_auto(graph, budget, config=config) for budget in budgets]
     assert len(simulated) - simulated_when_skipping > simulated_when_skipping, "too few skipped"
     summary = lambda s: (s.method, s.feasible, s.peak_bytes, s.recompute_s, s.program)  # noqa: E731

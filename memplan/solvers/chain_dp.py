@@ -37,7 +37,7 @@ from memplan.errors import InternalError
 from memplan.graph import Category, JointGraph
 from memplan.program import Program, build_program, complete_saved_set
 from memplan.solvers.base import (SolverConfig, StepSchedule, candidate, evaluate_all, in_cost_order,
-                                  that_may_fit)
+                                  least_peak, that_may_fit)
 from memplan.solvers.recursive import Keep, Leaf, Split, Stages, Tree, emit, make_stages, spine_keep
 from memplan.solvers.segments import Cuts, find_cuts, local_minima
 from memplan.solvers.stage_keeps import StageKeep, stage_keeps
@@ -263,9 +263,7 @@ def solve(graph: JointGraph, budget_bytes: int, *, config: SolverConfig) -> Step
     # Cheapest first, an order independent of the budget: the first that fits is the answer.
     schedules = evaluate_all(graph, in_cost_order(graph, that_may_fit(graph, candidates, budget_bytes),
                                                   times),
-                             budget_bytes, method="chain-dp", config=config, first_fit=True,
-                             every_one_if_none_fits=False)
-    if not schedules:  # none fits: every one, for the smallest peak, which names the least budget
-        schedules = evaluate_all(graph, in_cost_order(graph, candidates, times), budget_bytes,
-                                 method="chain-dp", config=config)
-    return min(schedules, key=lambda s: s.peak_bytes)
+                             budget_bytes, method="chain-dp", config=config, first_fit=True)
+    if not schedules:
+        return least_peak(graph, candidates, budget_bytes, method="chain-dp", config=config)
+    return schedules[0]

@@ -13,7 +13,7 @@ import itertools
 
 from memplan.graph import JointGraph
 from memplan.solvers.base import (SolverConfig, StepSchedule, evaluate_all, in_cost_order,
-                                  recompute_seconds, single_level, that_may_fit)
+                                  least_peak, recompute_seconds, single_level, that_may_fit)
 from memplan.solvers.segments import Cuts, cheapest_cut, find_cuts
 
 
@@ -48,14 +48,11 @@ def solve(graph: JointGraph, budget_bytes: int, *, config: SolverConfig) -> Step
     # Cheapest first, so that only the first that fits, and those as cheap, are simulated whole.
     programs = in_cost_order(graph, that_may_fit(graph, candidates, budget_bytes), times)
     schedules = evaluate_all(graph, programs, budget_bytes, method="chen-greedy", config=config,
-                             first_fit=True, every_one_if_none_fits=False)
+                             first_fit=True)
     if schedules:
         tied = itertools.takewhile(
             lambda p: recompute_seconds(graph, p, times) == schedules[0].recompute_s, programs)
         fitting = schedules + evaluate_all(graph, tied, budget_bytes, method="chen-greedy",
-                                           config=config, every_one_if_none_fits=False)
+                                           config=config)
         return min(fitting, key=lambda s: (s.recompute_s, s.peak_bytes))
-    # None fits: the smallest peak of all, which names the least budget.
-    schedules = evaluate_all(graph, in_cost_order(graph, candidates, times), budget_bytes,
-                             method="chen-greedy", config=config)
-    return min(schedules, key=lambda s: (s.peak_bytes, s.recompute_s))
+    return least_peak(graph, candidates, budget_bytes, method="chen-greedy", config=config)

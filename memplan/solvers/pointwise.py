@@ -38,7 +38,7 @@ def solve(graph: JointGraph, budget_bytes: int, *, config: SolverConfig) -> Step
     # cheapest first; on ties, the shorter prefix
     programs = in_cost_order(graph, that_may_fit(graph, prefixes, budget_bytes), times)
     fitting = evaluate_all(graph, programs, budget_bytes, method="pointwise", config=config,
-                           first_fit=True, every_one_if_none_fits=False)
+                           first_fit=True)
     if fitting:
         return fitting[0]
     # Over budget: its own plan's schedule (the first program), as without the search. The least
