@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
+from memplan.errors import InternalError
 from memplan.graph import JointGraph, Phase
 from memplan.liveness import Timeline, forward_end_bytes, simulate
 from memplan.program import Program, complete_saved_set, program_saving
@@ -176,5 +177,5 @@ def least_peak(graph: JointGraph, candidates: Sequence[Candidate], budget_bytes:
         if best is None or (schedule.peak_bytes, schedule.recompute_s, i) < best:
             best, found = (schedule.peak_bytes, schedule.recompute_s, i), schedule
     if found is None:
-        raise ValueError(f"{method}: no candidate program to simulate")
+        raise InternalError(f"{method} has no candidate program to simulate")
     return found
