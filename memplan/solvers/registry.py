@@ -94,7 +94,7 @@ def _solve_each(methods: list[str], graph: JointGraph, budget_bytes: int, *,
     _forked = (graph, budget_bytes, config)
     # Frozen, what the processes inherit is passed over by their garbage collections, which
     # would otherwise write to every object, and so copy the whole heap page by page, in each
-    # (on an H200's host, chain-dp took 17.5 s so instead of 13.1). A heap the caller froze
+    # (on an H200's host, chain-dp took 17.5 s instead of 13.1). A heap the caller froze
     # is left as it is.
     freeze = gc.get_freeze_count() == 0
     if freeze:
