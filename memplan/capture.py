@@ -31,6 +31,7 @@ from memplan.cost_models.analytic import CONVOLUTIONS, allows_tf32
 from memplan.cost_models.workspace import measure_workspaces
 from memplan.errors import CaptureError
 from memplan.executor import boxed
+from memplan.heap import frozen, paused
 from memplan.inductor import compile_with_inductor, keep_fused_together
 from memplan.passes.backward_reads import (compute_masks_in_forward, read_shapes_only,
                                            tangent_dependent)
@@ -395,6 +396,10 @@ def make_partition(planner: Planner, result: dict[str, Any], *, device: torch.de
     rounding = CUDA_ALLOCATOR_ROUNDING if device.type == "cuda" else 1
 
     def partition(joint: fx.GraphModule, _inputs: Any, *, num_fwd_outputs: int, **_: Any):
+        with paused():
+            return _partition(joint, num_fwd_outputs)
+
+    def _partition(joint: fx.GraphModule, num_fwd_outputs: int):
         _drop_metadata_checks(joint)
         free_backward_of_running_stats(joint)
         # inductor has no lowering of native_dropout_backward: it is given the decomposition
@@ -475,7 +480,7 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, planner: Planner,
 
     # Lazy graph modules write their Python code only when it is run or read: most of the
     # graphs made on the way (the joint's, the partition's) never are.
-    with _recursion_limit(_DEEP_MODEL_RECURSION), _use_lazy_graph_module(True):
+    with _recursion_limit(_DEEP_MODEL_RECURSION), _use_lazy_graph_module(True), frozen():
         if compile:
             run = compile_with_inductor(
                 gm, fake_inputs, partition,
