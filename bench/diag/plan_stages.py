@@ -8,7 +8,8 @@ run side by side, so planning takes less than their sum).
 ``--serial`` runs the fast solvers one after another whatever the graph's size.
 
 The stages' times and call counts are printed after compiled_time.py's row; what they leave of
-its plan+compile time is mostly aot_autograd tracing the joint graph.
+its plan+compile time is mostly aot_autograd tracing the joint graph. So is the time the
+planning process spent in Python's garbage collections, and their count.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import atexit
 import collections
 import functools
+import gc
 import logging
 import runpy
 import sys
@@ -33,6 +35,14 @@ import memplan.solvers.registry as registry  # noqa: E402
 
 spent: collections.Counter[str] = collections.Counter()
 calls: collections.Counter[str] = collections.Counter()
+
+
+def count_collections(phase: str, info: dict) -> None:
+    if phase == "start":
+        spent["garbage collections"] -= time.perf_counter()
+    else:
+        spent["garbage collections"] += time.perf_counter()
+        calls["garbage collections"] += 1
 
 
 def timed(module, name: str, label: str) -> None:
@@ -59,6 +69,7 @@ STAGES = [(capture, "_flat_module", "export"), (capture, "measure_workspaces", "
 if __name__ == "__main__":
     for stage in STAGES:
         timed(*stage)
+    gc.callbacks.append(count_collections)
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("memplan").setLevel(logging.INFO)
     atexit.register(lambda: print("stages: " + ", ".join(
