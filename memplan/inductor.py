@@ -100,7 +100,6 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from memplan.errors import InternalError
-from memplan.heap import frozen
 from memplan.passes.offload import HOST_STEPS, wait_for_copies
 
 # Measured on DenseNet-BC-100 at its least budget (H200): 50 ops per segment kept the compiled
@@ -160,7 +159,7 @@ def compile_with_inductor(gm: fx.GraphModule, example_inputs: Sequence[Any],
     def compiler(rewrite: Callable[[fx.GraphModule], None], is_backward: bool = False):
         def compile_graph(graph: fx.GraphModule, inputs: Sequence[Any]) -> Callable[..., Any]:
             rewrite(graph)
-            with frozen(), torch._inductor.config.patch(options):  # the planned graphs
+            with torch._inductor.config.patch(options):
                 content_from = OPS_PER_SEGMENT - CONTENT_CUT_OPS
                 return compile_in_segments(graph, inputs,
                                            functools.partial(compile_fx_inner, is_backward=is_backward),

@@ -9,7 +9,8 @@ run side by side, so planning takes less than their sum).
 
 The stages' times and call counts are printed after compiled_time.py's row; what they leave of
 its plan+compile time is mostly aot_autograd tracing the joint graph. So is the time the
-planning process spent in Python's garbage collections, and their count.
+planning process spent in Python's garbage collections, in all and within each stage (the
+innermost running), and their count.
 """
 
 from __future__ import annotations
@@ -35,14 +36,24 @@ import memplan.solvers.registry as registry  # noqa: E402
 
 spent: collections.Counter[str] = collections.Counter()
 calls: collections.Counter[str] = collections.Counter()
+running: list[str] = []  # the stages now running, innermost last
+collecting: collections.Counter[str] = collections.Counter()  # seconds by stage
 
 
 def count_collections(phase: str, info: dict) -> None:
+    stage = running[-1] if running else "elsewhere"
     if phase == "start":
-        spent["garbage collections"] -= time.perf_counter()
+        collecting[stage] -= time.perf_counter()
     else:
-        spent["garbage collections"] += time.perf_counter()
+        collecting[stage] += time.perf_counter()
         calls["garbage collections"] += 1
+
+
+def print_stages() -> None:
+    print("stages: " + ", ".join(f"{label} {spent[label]:.1f} s ({calls[label]})" for label in spent))
+    print(f"garbage collections: {sum(collecting.values()):.1f} s ({calls['garbage collections']}); "
+          + ", ".join(f"in {stage} {seconds:.1f} s" for stage, seconds in collecting.items()),
+          flush=True)
 
 
 def timed(module, name: str, label: str) -> None:
@@ -51,9 +62,11 @@ def timed(module, name: str, label: str) -> None:
     @functools.wraps(function)
     def counted(*args, **kwargs):
         start = time.perf_counter()
+        running.append(label)
         try:
             return function(*args, **kwargs)
         finally:
+            running.pop()
             spent[label] += time.perf_counter() - start
             calls[label] += 1
 
@@ -72,8 +85,7 @@ if __name__ == "__main__":
     gc.callbacks.append(count_collections)
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("memplan").setLevel(logging.INFO)
-    atexit.register(lambda: print("stages: " + ", ".join(
-        f"{label} {spent[label]:.1f} s ({calls[label]})" for label in spent), flush=True))
+    atexit.register(print_stages)
     if "--serial" in sys.argv:
         sys.argv.remove("--serial")
         registry.PARALLEL_MIN_NODES = sys.maxsize
