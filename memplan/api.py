@@ -13,7 +13,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from memplan import report as report_module
-from memplan.budget import parse_budget
+from memplan.budget import is_relative, parse_budget
 from memplan.capture import CapturedStep, capture, device_of
 from memplan.cost_models import check_cost_model, for_device, node_times
 from memplan.cuda_graphs import check_dropout, check_inputs, held_bytes
@@ -23,6 +23,7 @@ from memplan.graph import JointGraph
 from memplan.program import Program
 from memplan.sac import PlanPolicy
 from memplan.solvers import SOLVERS, SolverConfig, StepSchedule, solve, solve_auto
+from memplan.solvers.base import at_budget
 from memplan.solvers.offload import HostLink, improve
 
 METHODS = ("auto", *SOLVERS)
@@ -95,8 +96,10 @@ def plan_step(graph: JointGraph, budget: Any, method: str, device: torch.device,
     config = SolverConfig(node_time_s=node_time_s, time_limit_s=time_limit_s,
                           deterministic_time=deterministic_time)
     unlimited = 2**62
-    baseline = solve("none", graph, unlimited, config=config)
-    budget_bytes = parse_budget(budget, baseline.peak_bytes,
+    # A budget in bytes leaves ``none`` to run beside the other solvers (2 s on ResNet-1001)
+    baseline = (solve("none", graph, unlimited, config=config)
+                if method != "auto" or is_relative(budget) else None)
+    budget_bytes = parse_budget(budget, baseline and baseline.peak_bytes,
                                 free_device_bytes=_free_device_bytes(device))
     headroom = headroom_bytes(budget_bytes, device)
     planned_bytes = budget_bytes - headroom - graphs_bytes
@@ -104,6 +107,9 @@ def plan_step(graph: JointGraph, budget: Any, method: str, device: torch.device,
         alternatives = solve_auto(graph, planned_bytes, config=config, unplanned=baseline)
     else:
         alternatives = [solve(method, graph, planned_bytes, config=config)]
+    if baseline is None:
+        baseline = at_budget(graph, next(s for s in alternatives if s.method == "none"),
+                             unlimited, config=config)
     chosen = alternatives[0]
     if not chosen.feasible:
         if method != "auto":

@@ -8,8 +8,10 @@ import os
 from dataclasses import replace
 
 import pytest
+import torch
 
 import memplan
+from memplan.api import plan_step
 from memplan.cost_models import for_device
 from memplan.solvers import SolverConfig, registry, solve_auto
 from zoo import build
@@ -61,3 +63,16 @@ def test_a_heap_the_caller_froze_stays_frozen(monkeypatch):
         assert gc.get_freeze_count() == frozen
     finally:
         gc.unfreeze()
+
+
+def test_a_budget_in_bytes_plans_as_its_percentage(monkeypatch):
+    """In bytes, the unplanned schedule is solved beside the others, not before them."""
+    graph, half, config = densenet40_at_half()
+    monkeypatch.setattr(registry, "PARALLEL_MIN_NODES", len(graph.nodes))
+    by_share, by_bytes = (plan_step(graph, budget, "auto", torch.device("cpu"),
+                                    node_time_s=config.node_time_s) for budget in ("50%", half))
+    assert by_share.budget_bytes == by_bytes.budget_bytes == half
+    summary = lambda s: (s.method, s.feasible, s.peak_bytes, s.program, s.timeline)  # noqa: E731
+    assert summary(by_bytes.baseline) == summary(by_share.baseline)
+    assert by_bytes.baseline.feasible
+    assert [summary(s) for s in by_bytes.alternatives] == [summary(s) for s in by_share.alternatives]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import heapq
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 from memplan.errors import InternalError
@@ -132,6 +132,14 @@ def evaluate(graph: JointGraph, program: Program, budget_bytes: int, *, method: 
                         recompute_s=recompute_s, step_s=step_s, feasible=fits,
                         reason="" if fits else
                         f"peak {timeline.peak_bytes} B exceeds the budget {budget_bytes} B")
+
+
+def at_budget(graph: JointGraph, schedule: StepSchedule, budget_bytes: int, *,
+              config: SolverConfig) -> StepSchedule:
+    """The schedule judged against another budget, without simulating it again."""
+    return replace(evaluate(graph, schedule.program, budget_bytes, method=schedule.method,
+                            config=config, timeline=schedule.timeline),
+                   solve_time_s=schedule.solve_time_s)
 
 
 def evaluate_all(graph: JointGraph, programs: Iterable[Program], budget_bytes: int, *,

@@ -20,7 +20,7 @@ from typing import Callable
 from memplan.graph import JointGraph
 from memplan.heap import frozen
 from memplan.solvers import chain_dp, chen_greedy, cpsat, log, none, pointwise, sqrt
-from memplan.solvers.base import SolverConfig, StepSchedule, evaluate
+from memplan.solvers.base import SolverConfig, StepSchedule, at_budget
 
 logger = logging.getLogger(__name__)
 
@@ -110,9 +110,7 @@ def solve_auto(graph: JointGraph, budget_bytes: int, *, config: SolverConfig,
     ResNet-1001's compiled graph)."""
     reused = {}
     if unplanned is not None:
-        reused["none"] = replace(evaluate(graph, unplanned.program, budget_bytes, method="none",
-                                          config=config, timeline=unplanned.timeline),
-                                 solve_time_s=unplanned.solve_time_s)
+        reused["none"] = at_budget(graph, unplanned, budget_bytes, config=config)
     solved = _solve_each([name for name in FAST_SOLVERS if name not in reused], graph,
                          budget_bytes, config=config)
     schedules = [reused.get(name) or solved[name] for name in FAST_SOLVERS]
