@@ -4,8 +4,11 @@ compilations) and memplan's log at INFO (each solver's time: on large graphs the
 run side by side, so planning takes less than their sum).
 
     python bench/diag/plan_stages.py MODEL CONFIG [--serial] [compiled_time.py's options]
+    python bench/diag/plan_stages.py --run segment_reuse.py MODEL --count-only [--budget B]
 
-``--serial`` runs the fast solvers one after another whatever the graph's size.
+``--serial`` runs the fast solvers one after another whatever the graph's size. ``--run`` times
+another script of this directory instead: ``segment_reuse.py --count-only`` plans and segments
+on the CPU, inductor stubbed.
 
 The stages' times and call counts are printed after compiled_time.py's row; what they leave of
 its plan+compile time is mostly aot_autograd tracing the joint graph. So is the time the
@@ -89,5 +92,10 @@ if __name__ == "__main__":
     if "--serial" in sys.argv:
         sys.argv.remove("--serial")
         registry.PARALLEL_MIN_NODES = sys.maxsize
-    sys.argv = [str(HERE / "compiled_time.py"), *sys.argv[1:]]
+    script = "compiled_time.py"
+    if "--run" in sys.argv:
+        at = sys.argv.index("--run")
+        script = sys.argv.pop(at + 1)
+        sys.argv.pop(at)
+    sys.argv = [str(HERE / script), *sys.argv[1:]]
     runpy.run_path(sys.argv[0], run_name="__main__")
