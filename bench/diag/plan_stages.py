@@ -13,7 +13,7 @@ on the CPU, inductor stubbed.
 The stages' times and call counts are printed after compiled_time.py's row; what they leave of
 its plan+compile time is mostly aot_autograd tracing the joint graph. So is the time the
 planning process spent in Python's garbage collections, in all and within each stage (the
-innermost running), and their count.
+innermost running), and their count, and the process's maximum resident memory.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import collections
 import functools
 import gc
 import logging
+import resource
 import runpy
 import sys
 import time
@@ -55,7 +56,8 @@ def count_collections(phase: str, info: dict) -> None:
 def print_stages() -> None:
     print("stages: " + ", ".join(f"{label} {spent[label]:.1f} s ({calls[label]})" for label in spent))
     print(f"garbage collections: {sum(collecting.values()):.1f} s ({calls['garbage collections']}); "
-          + ", ".join(f"in {stage} {seconds:.1f} s" for stage, seconds in collecting.items()),
+          + ", ".join(f"in {stage} {seconds:.1f} s" for stage, seconds in collecting.items())
+          + f"; maximum resident memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB",
           flush=True)
 
 
