@@ -11,9 +11,9 @@ another script of this directory instead: ``segment_reuse.py --count-only`` plan
 on the CPU, inductor stubbed.
 
 The stages' times and call counts are printed after compiled_time.py's row; what they leave of
-its plan+compile time is mostly aot_autograd tracing the joint graph. So is the time the
-planning process spent in Python's garbage collections, in all and within each stage (the
-innermost running), and their count, and the process's maximum resident memory.
+its plan+compile time is mostly aot_autograd tracing the joint graph. A last line gives the
+seconds the process spent in Python's garbage collections, in all and within each stage (the
+innermost running), their count, and the process's maximum resident memory.
 """
 
 from __future__ import annotations
