@@ -1,6 +1,7 @@
 """Compile the planned graphs with inductor, in segments that keep the planned lifetimes.
 
-aot_autograd traces with inductor's decompositions and calls memplan's partition function; the
+aot_autograd traces with inductor's decompositions (BatchNorm's are copied in after the trace,
+``memplan.passes.decompose_by_template``) and calls memplan's partition function; the
 forward and backward graphs it returns go to inductor's graph compiler. Given a whole graph,
 inductor computes a pointwise value inside the kernel of a later consumer and keeps what that
 value reads alive until then: on DenseNet-BC-100 the backward of the least-budget plan peaked
@@ -100,6 +101,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from memplan.errors import InternalError
+from memplan.heap import paused
+from memplan.passes.decompose_by_template import TEMPLATED, decompose_by_template
 from memplan.passes.offload import HOST_STEPS, wait_for_copies
 
 # Measured on DenseNet-BC-100 at its least budget (H200): 50 ops per segment kept the compiled
@@ -167,6 +170,18 @@ def compile_with_inductor(gm: fx.GraphModule, example_inputs: Sequence[Any],
                                            min_ops_per_segment=content_from if content_from > 0 else None)
         return compile_graph
 
+    with torch._inductor.config.patch(options):  # the table depends on fallback_random
+        table = decompositions()
+    traced = {op: fn for op, fn in table.items() if op not in TEMPLATED}  # the rest copied after
+
+    def decompose(graph: fx.GraphModule) -> None:
+        with paused():
+            decompose_by_template(graph.graph, table)
+
+    def partition_decomposed(joint: fx.GraphModule, inputs: Any, **kwargs: Any) -> Any:
+        decompose(joint)
+        return partition(joint, inputs, **kwargs)
+
     context = contextlib.nullcontext()
     if TracingContext.try_get() is None:
         fake_mode = detect_fake_mode(example_inputs) or FakeTensorMode(allow_non_fake_inputs=True)
@@ -174,9 +189,9 @@ def compile_with_inductor(gm: fx.GraphModule, example_inputs: Sequence[Any],
     with context, torch._inductor.config.patch(options):
         return aot_module_simplified(gm, list(example_inputs), fw_compiler=compiler(rewrite_forward),
                                      bw_compiler=compiler(rewrite_backward, is_backward=True),
-                                     inference_compiler=compiler(lambda _: None),  # not planned
-                                     partition_fn=partition,
-                                     decompositions=decompositions(),
+                                     inference_compiler=compiler(decompose),  # not planned
+                                     partition_fn=partition_decomposed,
+                                     decompositions=traced,
                                      keep_inference_input_mutations=True)
 
 

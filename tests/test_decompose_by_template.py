@@ -1,0 +1,75 @@
+"""BatchNorm decomposed by copies of one trace per signature gives the joint graph that
+decomposing every BatchNorm during aot_autograd's trace gives: the same ops on the same
+arguments, in the same order, with the same metadata and values, and the same storages shared."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.multiprocessing.reductions import StorageWeakRef
+
+import memplan.inductor
+from memplan.capture import _flat_module
+from memplan.passes.decompose_by_template import TEMPLATED
+from zoo import build
+
+
+class _Captured(Exception):
+    pass
+
+
+def joint_graph(name: str) -> fx.Graph:
+    """The joint graph memplan's partition function is given on the compiled path."""
+    case = build(name)
+    gm, _, _ = _flat_module(case.model, case.args, case.kwargs)
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    inputs = [fake_mode.from_tensor(t) if isinstance(t, torch.Tensor) else t
+              for t in pytree.tree_leaves((case.args, case.kwargs))]
+    captured = []
+
+    def partition(joint: fx.GraphModule, _inputs, **_):
+        captured.append(joint.graph)
+        raise _Captured
+
+    with pytest.raises(_Captured):
+        memplan.inductor.compile_with_inductor(gm, inputs, partition)
+    return captured[0]
+
+
+def describe(graph: fx.Graph) -> list[tuple]:
+    """Each node without its name: op, arguments by position, metadata, value, shared storage."""
+    position = {node: i for i, node in enumerate(graph.nodes)}
+    first_seq_nr = min(node.meta["seq_nr"] for node in graph.nodes if "seq_nr" in node.meta)
+    storages: dict[StorageWeakRef, int] = {}
+
+    def value(v):
+        if not isinstance(v, torch.Tensor):
+            return v
+        storage = storages.setdefault(StorageWeakRef(v.untyped_storage()), len(storages))
+        return (tuple(v.shape), v.stride(), v.storage_offset(), v.dtype, v.device, storage,
+                v.untyped_storage().nbytes(), type(v).__name__)
+
+    described = []
+    for node in graph.nodes:
+        meta = {key: str(item) for key, item in node.meta.items()
+                if key not in ("val", "seq_nr", "from_node", "desc")}
+        described.append((
+            node.op, str(node.target),
+            fx.node.map_arg((node.args, node.kwargs), lambda n: position[n]),
+            node.meta.get("seq_nr", first_seq_nr) - first_seq_nr,
+            meta, pytree.tree_map(value, node.meta.get("val"))))
+    return described
+
+
+@pytest.mark.parametrize("name", ["densenet40", "mlp", "stateful_norms"])
+def test_batch_norms_copied_from_templates_give_the_traced_graph(name, monkeypatch):
+    copied = joint_graph(name)
+    assert not any(node.target in TEMPLATED for node in copied.nodes)
+    monkeypatch.setattr(memplan.inductor, "TEMPLATED", ())  # every BatchNorm decomposed as traced
+    traced = joint_graph(name)
+    names = {str(op) for op in TEMPLATED}  # original_aten is another object of the same op
+    assert sum(str(node.meta.get("original_aten")) in names for node in traced.nodes) > 20
+    assert describe(copied) == describe(traced)
