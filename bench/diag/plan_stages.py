@@ -1,7 +1,9 @@
 """Where a compiled plan's planning and compiling time goes: ``compiled_time.py`` with each
-stage of ``memplan.optimize`` timed (export, planning, splitting, segmenting, inductor's
+stage of ``memplan.optimize`` timed (export, aot_autograd's trace of the joint graph, the
+BatchNorms' decompositions copied into it, planning, splitting, segmenting, inductor's
 compilations) and memplan's log at INFO (each solver's time: on large graphs the fast solvers
-run side by side, so planning takes less than their sum).
+run side by side, so planning takes less than their sum). A stage the timed memplan does not
+have is left out, so an older checkout can be timed with its own copy of this script.
 
     python bench/diag/plan_stages.py MODEL CONFIG [--serial] [compiled_time.py's options]
     python bench/diag/plan_stages.py --run segment_reuse.py MODEL --count-only [--budget B]
@@ -10,8 +12,9 @@ run side by side, so planning takes less than their sum).
 another script of this directory instead: ``segment_reuse.py --count-only`` plans and segments
 on the CPU, inductor stubbed.
 
-The stages' times and call counts are printed after compiled_time.py's row; what they leave of
-its plan+compile time is mostly aot_autograd tracing the joint graph. A last line gives the
+The stages' times and call counts are printed after compiled_time.py's row, or when the process
+is interrupted (``timeout -s INT``); what they leave of its plan+compile time is aot_autograd's
+other work and the first step. A last line gives the
 seconds the process spent in Python's garbage collections, in all and within each stage (the
 innermost running), their count, and the process's maximum resident memory.
 """
@@ -29,6 +32,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch._functorch.aot_autograd as aot_autograd
 import torch._inductor.compile_fx as compile_fx
 
 HERE = Path(__file__).resolve().parent
@@ -62,7 +66,9 @@ def print_stages() -> None:
 
 
 def timed(module, name: str, label: str) -> None:
-    function = getattr(module, name)
+    function = getattr(module, name, None)
+    if function is None:  # a stage that the memplan timed does not have
+        return
 
     @functools.wraps(function)
     def counted(*args, **kwargs):
@@ -78,7 +84,10 @@ def timed(module, name: str, label: str) -> None:
     setattr(module, name, counted)
 
 
-STAGES = [(capture, "_flat_module", "export"), (capture, "measure_workspaces", "workspaces"),
+STAGES = [(capture, "_flat_module", "export"),
+          (aot_autograd, "aot_stage1_graph_capture", "aot_autograd's trace"),
+          (inductor, "decompose_by_template", "BatchNorm copies"),
+          (capture, "measure_workspaces", "workspaces"),
           (capture, "joint_to_ir", "IR"), (api, "plan_step", "planning"),
           (capture, "split", "split"), (capture, "simulate", "fused-kernel simulation"),
           (inductor, "compile_in_segments", "segmenting and compiling"),
