@@ -12,6 +12,7 @@ tensors of the template's layouts on the copy's storages, made without dispatchi
 
 from __future__ import annotations
 
+import logging
 import operator
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -25,11 +26,15 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from memplan.errors import InternalError
 
+log = logging.getLogger(__name__)
 aten = torch.ops.aten
 
-# Ops decomposed here rather than during aot_autograd's trace.
+# Ops decomposed here rather than during aot_autograd's trace: BatchNorm's, and on CUDA the
+# cuDNN BatchNorm that the forward dispatches to (whose decomposition writes the running
+# statistics in place, as the trace had it).
 TEMPLATED = (aten._native_batch_norm_legit_functional.default,
-             aten.native_batch_norm_backward.default)
+             aten.native_batch_norm_backward.default,
+             aten.cudnn_batch_norm.default, aten.cudnn_batch_norm_backward.default)
 
 # A decomposition's nodes have the metadata of the op they decompose, but for these.
 _OWN = ("val", "tensor_meta")
@@ -81,6 +86,7 @@ def decompose_by_template(graph: fx.Graph, table: dict[Any, Callable[..., Any]])
         user.args, user.kwargs = fx.node.map_arg((user.args, user.kwargs), lambda n: replaced.get(n, n))
     for node in [*replaced, *decomposed]:
         graph.erase_node(node)
+    log.info("%d ops decomposed as copies of %d traces", len(decomposed), len(templates))
 
 
 def _signature(node: fx.Node, inputs: list[fx.Node]) -> tuple:
@@ -145,10 +151,12 @@ def _copy(graph: fx.Graph, template: _Template, op: fx.Node, inputs: list[fx.Nod
             return type(layout)(value(item) for item in layout)
         if not isinstance(layout, _Layout):
             return layout
+        # Made outside FakeTensorMode: on CUDA the construction allocates a real byte
+        # (init_gpu_context), which the mode would intercept.
         with unset_fake_temporarily():
             tensor = torch.empty(0, dtype=layout.dtype, device="meta").set_(
                 storages[layout.storage], layout.offset, layout.size, layout.stride)
-        return FakeTensor(fake_mode, tensor, layout.device)
+            return FakeTensor(fake_mode, tensor, layout.device)
 
     inherited = {key: item for key, item in op.meta.items() if key not in _OWN}
     env: dict[fx.Node, Any] = {}
@@ -159,8 +167,10 @@ def _copy(graph: fx.Graph, template: _Template, op: fx.Node, inputs: list[fx.Nod
         elif node.op == "output":
             return fx.node.map_arg(node.args[0], env.__getitem__)
         else:
+            # Named from the target, as traced nodes are: older fx (the H200's torch 2.11) finds
+            # a free name for "mul_3" by counting up from mul_1, 107 s on ResNet-1001 there.
             copy = graph.create_node(node.op, node.target, fx.node.map_arg(node.args, env.__getitem__),
-                                     fx.node.map_arg(node.kwargs, env.__getitem__), node.name)
+                                     fx.node.map_arg(node.kwargs, env.__getitem__))
             copy.meta = dict(inherited, val=value(template.values[node]))
             if "tensor_meta" in node.meta:
                 copy.meta["tensor_meta"] = node.meta["tensor_meta"]
