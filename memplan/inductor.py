@@ -1,19 +1,19 @@
 """Compile the planned graphs with inductor, in segments that keep the planned lifetimes.
 
-aot_autograd traces with inductor's decompositions (BatchNorm's are copied in after the trace,
-``memplan.passes.decompose_by_template``) and calls memplan's partition function; the
-forward and backward graphs it returns go to inductor's graph compiler. Given a whole graph,
-inductor computes a pointwise value inside the kernel of a later consumer and keeps what that
-value reads alive until then: on DenseNet-BC-100 the backward of the least-budget plan peaked
-411 MiB above the planned order (bench/results/compiled_peak_h200.md). So each graph is cut
-into consecutive segments of at most ``OPS_PER_SEGMENT`` ops, compiled one by one: inductor fuses within
-a segment, and every value that crosses a boundary is materialised there and freed after the
-last segment that reads it, as the plan has it. The copies of offloaded values
-(``memplan.passes.offload``) are segments of their own, run as they are: on the GPT-2 medium
-step planned at 6.8 GiB on an H200, 96 of them each way ran beside compute, and the step took
-453 ms against torch.compile's 472-534 ms (bench/results/offload_h200.md). Within a segment
-inductor may still hold a value longer than planned, or allocate what the plan does not know of;
-five ways it did so are closed:
+aot_autograd traces with inductor's decompositions (BatchNorm's, ReLU's backward's and detach's
+are copied in after the trace, ``memplan.passes.decompose_by_template``) and calls memplan's
+partition function; the forward and backward graphs it returns go to inductor's graph compiler.
+Given a whole graph, inductor computes a pointwise value inside the kernel of a later consumer
+and keeps what that value reads alive until then: on DenseNet-BC-100 the backward of the
+least-budget plan peaked 411 MiB above the planned order (bench/results/compiled_peak_h200.md).
+So each graph is cut into consecutive segments of at most ``OPS_PER_SEGMENT`` ops, compiled one
+by one: inductor fuses within a segment, and every value that crosses a boundary is
+materialised there and freed after the last segment that reads it, as the plan has it. The
+copies of offloaded values (``memplan.passes.offload``) are segments of their own, run as they
+are: on the GPT-2 medium step planned at 6.8 GiB on an H200, 96 of them each way ran beside
+compute, and the step took 453 ms against torch.compile's 472-534 ms
+(bench/results/offload_h200.md). Within a segment inductor may still hold a value longer than
+planned, or allocate what the plan does not know of; five ways it did so are closed:
 
 - A value whose computation frees a storage much larger than itself ends its segment, so that
   inductor computes it, and frees that storage, where the plan has it

@@ -1,6 +1,7 @@
-"""BatchNorm decomposed by copies of one trace per signature gives the joint graph that
-decomposing every BatchNorm during aot_autograd's trace gives: the same ops on the same
-arguments, in the same order, with the same metadata and values, and the same storages shared."""
+"""Ops decomposed by copies of one trace per signature (BatchNorm's, ReLU's backward, detach)
+give the joint graph that decomposing each during aot_autograd's trace gives: the same ops on
+the same arguments, in the same order, with the same metadata and values, and the same storages
+shared."""
 
 from __future__ import annotations
 
@@ -75,10 +76,10 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.i
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ["densenet40", "mlp", "stateful_norms"])
-def test_batch_norms_copied_from_templates_give_the_traced_graph(name, device, monkeypatch):
+def test_ops_copied_from_templates_give_the_traced_graph(name, device, monkeypatch):
     copied = joint_graph(name, device)
     assert not any(node.target in TEMPLATED for node in copied.nodes)
-    monkeypatch.setattr(memplan.inductor, "TEMPLATED", ())  # every BatchNorm decomposed as traced
+    monkeypatch.setattr(memplan.inductor, "TEMPLATED", ())  # every op decomposed as traced
     traced = joint_graph(name, device)
     names = {str(op) for op in TEMPLATED}  # original_aten is another object of the same op
     assert sum(str(node.meta.get("original_aten")) in names for node in traced.nodes) > 20

@@ -1,9 +1,10 @@
 """Where a compiled plan's planning and compiling time goes: ``compiled_time.py`` with each
 stage of ``memplan.optimize`` timed (export, aot_autograd's trace of the joint graph, the
-BatchNorms' decompositions copied into it, planning, splitting, segmenting, inductor's
-compilations) and memplan's log at INFO (each solver's time: on large graphs the fast solvers
-run side by side, so planning takes less than their sum). A stage the timed memplan does not
-have is left out, so an older checkout can be timed with its own copy of this script.
+decompositions copied into it (BatchNorm's, ReLU's backward, detach), planning, splitting,
+segmenting, inductor's compilations) and memplan's log at INFO (each solver's time: on large
+graphs the fast solvers run side by side, so planning takes less than their sum). A stage the
+timed memplan does not have is left out, so an older checkout can be timed with its own copy of
+this script.
 
     python bench/diag/plan_stages.py MODEL CONFIG [--serial] [compiled_time.py's options]
     python bench/diag/plan_stages.py --run segment_reuse.py MODEL --count-only [--budget B]
@@ -86,7 +87,7 @@ def timed(module, name: str, label: str) -> None:
 
 STAGES = [(capture, "_flat_module", "export"),
           (aot_autograd, "aot_stage1_graph_capture", "aot_autograd's trace"),
-          (inductor, "decompose_by_template", "BatchNorm copies"),
+          (inductor, "decompose_by_template", "copied decompositions"),
           (capture, "measure_workspaces", "workspaces"),
           (capture, "joint_to_ir", "IR"), (api, "plan_step", "planning"),
           (capture, "split", "split"), (capture, "simulate", "fused-kernel simulation"),
