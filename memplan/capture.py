@@ -68,7 +68,10 @@ class CapturedStep:
 def _flat_module(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[fx.GraphModule, Any, int]:
     """Export the model and give it a flat calling convention: flat tensors in, flat tensors out."""
     try:
-        exported = torch.export.export(model, args, kwargs, strict=False)
+        # Lazy, the exported modules write no Python code unless run: aot_autograd interprets
+        # the graph (on ResNet-1001, 0.8 s less of 11.7 on a CPU).
+        with _use_lazy_graph_module(True):
+            exported = torch.export.export(model, args, kwargs, strict=False)
     except Exception as error:  # export raises many types; all mean "could not capture"
         raise CaptureError(
             f"memplan could not capture {type(model).__name__}'s forward with torch.export "
@@ -77,11 +80,12 @@ def _flat_module(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[fx.
             "(no data-dependent Python control flow on tensor values, no .item() in branches), "
             "or plan the submodules that are traceable."
         ) from error
-    gm = exported.module()
-    out_spec = gm._out_spec if hasattr(gm, "_out_spec") else exported.call_spec.out_spec
-    gm.graph._codegen = fx.graph.CodeGen()
-    _drop_guard_calls(gm)
-    gm.recompile()
+    with _use_lazy_graph_module(True):
+        gm = exported.module()
+        out_spec = gm._out_spec if hasattr(gm, "_out_spec") else exported.call_spec.out_spec
+        gm.graph._codegen = fx.graph.CodeGen()
+        _drop_guard_calls(gm)
+        gm.recompile()
     user_outputs = len(next(iter(reversed(gm.graph.nodes))).args[0])
     return gm, out_spec, user_outputs
 
