@@ -452,6 +452,12 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, planner: Planner,
     """Trace, plan and split one training step; returns the step and the output spec.
 
     The graphs run eagerly as boxed fx code, or, with ``compile``, through inductor."""
+    with paused():  # memplan.heap says why
+        return _capture(model, args, kwargs, planner, compile=compile)
+
+
+def _capture(model: torch.nn.Module, args: tuple, kwargs: dict, planner: Planner, *,
+             compile: bool) -> tuple[CapturedStep, Any]:
     gm, out_spec, user_outputs = _flat_module(model, args, kwargs)
     flat_inputs = pytree.tree_leaves((args, kwargs))
     result: dict[str, Any] = {}

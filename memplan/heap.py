@@ -1,8 +1,10 @@
 """Python's garbage collector and the large, long-lived graphs memplan builds.
 
 A full collection walks every object the collector tracks; a deep model's traced graphs are
-millions of them, alive until the step is built. memplan's own stages allocate enough to
-trigger full collections over and over, and make little cyclic garbage: they run with none.
+millions of them, alive until the step is built. Export, aot_autograd's trace and memplan's
+own stages allocate enough to trigger full collections over and over, and keep most of what
+they make: they run with none (on ResNet-1001, 4.4 s less of 63 on a CPU, 0.15 GiB more
+memory at most). Inductor's compilations make much cyclic garbage: they collect.
 """
 
 from __future__ import annotations
@@ -23,6 +25,19 @@ def paused() -> Iterator[None]:
     finally:
         if enabled:
             gc.enable()
+
+
+@contextlib.contextmanager
+def collecting() -> Iterator[None]:
+    """Collections on until the end, within a paused stage: for one that makes much cyclic
+    garbage (inductor's compilations)."""
+    enabled = gc.isenabled()
+    gc.enable()
+    try:
+        yield
+    finally:
+        if not enabled:
+            gc.disable()
 
 
 @contextlib.contextmanager

@@ -101,7 +101,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from memplan.errors import InternalError
-from memplan.heap import paused
+from memplan.heap import collecting, paused
 from memplan.passes.decompose_by_template import TEMPLATED, decompose_by_template
 from memplan.passes.offload import HOST_STEPS, wait_for_copies
 
@@ -162,7 +162,7 @@ def compile_with_inductor(gm: fx.GraphModule, example_inputs: Sequence[Any],
     def compiler(rewrite: Callable[[fx.GraphModule], None], is_backward: bool = False):
         def compile_graph(graph: fx.GraphModule, inputs: Sequence[Any]) -> Callable[..., Any]:
             rewrite(graph)
-            with torch._inductor.config.patch(options):
+            with torch._inductor.config.patch(options), collecting():
                 content_from = OPS_PER_SEGMENT - CONTENT_CUT_OPS
                 return compile_in_segments(graph, inputs,
                                            functools.partial(compile_fx_inner, is_backward=is_backward),
@@ -186,7 +186,7 @@ def compile_with_inductor(gm: fx.GraphModule, example_inputs: Sequence[Any],
     if TracingContext.try_get() is None:
         fake_mode = detect_fake_mode(example_inputs) or FakeTensorMode(allow_non_fake_inputs=True)
         context = tracing(TracingContext(fake_mode))
-    with context, torch._inductor.config.patch(options):
+    with context, torch._inductor.config.patch(options), paused():
         return aot_module_simplified(gm, list(example_inputs), fw_compiler=compiler(rewrite_forward),
                                      bw_compiler=compiler(rewrite_backward, is_backward=True),
                                      inference_compiler=compiler(decompose),  # not planned
