@@ -171,6 +171,26 @@ def test_compiled_plan_does_not_keep_what_average_pooling_reads_for_its_shape():
     assert_steps_match(plan.module, case, eager)
 
 
+
+def test_compiled_deep_resnet_matches_eager_in_float64():
+    """In float32, rounding alone moves a deep pre-activation ResNet's gradients far (ResNet-1001
+    eager, float32 against float64: 0.94 of a gradient's largest magnitude on this CPU), so a
+    float32 comparison cannot tell a wrong value from rounding. In float64 the compiled plan,
+    recomputing, with BatchNorm's, ReLU's backward's and detach's decompositions copied, equals
+    eager's step to 1e-9 of each gradient's largest magnitude (ResNet-164: 4e-12)."""
+    built = build("preact_resnet29")
+    case = Case(built.model.double(), tuple(arg.double() for arg in built.args))
+    eager = eager_twin(case)
+    plan = memplan.optimize(case.model, "50%", example_inputs=case.args, compile=True)
+    assert plan.program.recomputed
+    for seed in (101, 102):
+        out, grads, _ = run_step(plan.module, case, seed)
+        eager_out, eager_grads, _ = run_step(eager, case, seed)
+        for name, value, expected in [("output", out, eager_out),
+                                      *((name, grads[name], eager_grads[name]) for name in eager_grads)]:
+            error = (value - expected).abs().max().item()
+            assert error <= 1e-9 * expected.abs().max().item(), f"{name}: off by {error:.2e}"
+
 def test_repeated_layers_share_compiled_segments(monkeypatch):
     """Twelve identical Linear-BatchNorm-ReLU layers, in segments of five ops, each held open
     until the kernels the plan counted on fusing are in it: most segments reuse an earlier one's
