@@ -171,7 +171,6 @@ def test_compiled_plan_does_not_keep_what_average_pooling_reads_for_its_shape():
     assert_steps_match(plan.module, case, eager)
 
 
-
 def test_compiled_deep_resnet_matches_eager_in_float64():
     """In float32, rounding alone moves a deep pre-activation ResNet's gradients far (ResNet-1001
     eager, float32 against float64: 0.94 of a gradient's largest magnitude on this CPU), so a
