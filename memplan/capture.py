@@ -400,11 +400,7 @@ def make_partition(planner: Planner, result: dict[str, Any], *, device: torch.de
     rounding = CUDA_ALLOCATOR_ROUNDING if device.type == "cuda" else 1
 
     def partition(joint: fx.GraphModule, _inputs: Any, *, num_fwd_outputs: int, **_: Any):
-        # On ResNet-1001 (H200's host), collections had taken 5.7 s of this partition's 27 s
-        with paused():
-            return _partition(joint, num_fwd_outputs)
-
-    def _partition(joint: fx.GraphModule, num_fwd_outputs: int):
+        # Called within aot_autograd's trace, where collections are paused (memplan.heap)
         _drop_metadata_checks(joint)
         free_backward_of_running_stats(joint)
         # inductor has no lowering of native_dropout_backward: it is given the decomposition

@@ -175,7 +175,7 @@ def compile_with_inductor(gm: fx.GraphModule, example_inputs: Sequence[Any],
     traced = {op: fn for op, fn in table.items() if op not in TEMPLATED}  # the rest copied after
 
     def decompose(graph: fx.GraphModule) -> None:
-        with paused():
+        with paused():  # the inference compiler runs it while inductor's compilations collect
             decompose_by_template(graph.graph, table)
 
     def partition_decomposed(joint: fx.GraphModule, inputs: Any, **kwargs: Any) -> Any:
