@@ -5,7 +5,7 @@ millions of them, alive until the step is built. Export, aot_autograd's trace an
 own stages allocate enough to trigger full collections over and over, and keep most of what
 they make: they run with none (ResNet-1001's compiled plan took 57.9 s instead of 63.3 s on a
 CPU, inductor stubbed, and 0.15 GiB more memory). Inductor's compilations make much cyclic
-garbage: they collect.
+garbage: they collect, where they run in this process (``memplan.compile_workers``).
 """
 
 from __future__ import annotations

@@ -63,7 +63,9 @@ medium's had measured 4.0% under its prediction (bench/results/fused_kernels_h20
 Segments with the same ops on the same shapes, strides and dtypes (the repeated layers of a
 deep network) share one compilation (``_segment_key``); within its last ``CONTENT_CUT_OPS`` ops
 a segment ends where its last ops' content says, so that such layers are cut alike. Inductor's own FX graph cache would
-do so, but it passes over graphs traced without a shape environment, as memplan's are.
+do so, but it passes over graphs traced without a shape environment, as memplan's are. Where
+the strides are planned (CUDA), the distinct segments can be compiled in worker processes at
+once (``WORKERS``, ``memplan.compile_workers``), and the backward with the forward.
 
 Buffer updates (BatchNorm's running statistics) stay in the compiled forward as writes into the
 buffers, as torch.compile keeps them, rather than being copied back by aot_autograd's runtime,
@@ -100,6 +102,7 @@ from torch._guards import TracingContext, detect_fake_mode, tracing
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.multiprocessing.reductions import StorageWeakRef
 
+from memplan.compile_workers import WorkerPool
 from memplan.errors import InternalError
 from memplan.heap import collecting, paused
 from memplan.passes.decompose_by_template import TEMPLATED, decompose_by_template
@@ -124,6 +127,12 @@ CONTENT_WINDOW = 4
 CONTENT_SPACING = 8
 # Node metadata: a node's step in the program, and the later steps counted as one kernel with it.
 STEP, FUSED_WITH = "memplan_step", "memplan_fused_with"
+# Worker processes compiling segments at once, where their strides are planned (on CUDA), or 1
+# to compile each in this process, in turn. ``default_workers()`` planned and compiled
+# ResNet-1001 in 94.5 s against 162.1 s on an H200 (bench/results/compiled_resnet_h200.md), but
+# there a segment compiled in a worker got other code than the same compiled here
+# (tests/test_compile_workers.py): 1 until that is explained.
+WORKERS = 1
 # Inductor options on CUDA only; the module docstring says why.
 CUDA_OPTIONS = {"layout_optimization": False, "triton.autotune_pointwise": False,
                 "test_configs.force_filter_reduction_configs": True, "dynamic_scale_rblock": False}
@@ -157,12 +166,17 @@ def compile_with_inductor(gm: fx.GraphModule, example_inputs: Sequence[Any],
     if on_cuda:
         options.update(CUDA_OPTIONS)
 
+    in_workers = on_cuda and WORKERS > 1
+    # Inductor's compilations make much cyclic garbage, where they run in this process
+    # (``memplan.heap``).
+    heap = paused if in_workers else collecting
+
     # Each compiler sets the options itself: aot_autograd compiles the backward at its first
-    # call, after this function has returned.
+    # call, after this function has returned (but where segments are compiled in workers).
     def compiler(rewrite: Callable[[fx.GraphModule], None], is_backward: bool = False):
         def compile_graph(graph: fx.GraphModule, inputs: Sequence[Any]) -> Callable[..., Any]:
             rewrite(graph)
-            with torch._inductor.config.patch(options), collecting():
+            with torch._inductor.config.patch(options), heap():
                 content_from = OPS_PER_SEGMENT - CONTENT_CUT_OPS
                 return compile_in_segments(graph, inputs,
                                            functools.partial(compile_fx_inner, is_backward=is_backward),
@@ -186,13 +200,31 @@ def compile_with_inductor(gm: fx.GraphModule, example_inputs: Sequence[Any],
     if TracingContext.try_get() is None:
         fake_mode = detect_fake_mode(example_inputs) or FakeTensorMode(allow_non_fake_inputs=True)
         context = tracing(TracingContext(fake_mode))
-    with context, torch._inductor.config.patch(options), paused():
+    with context, torch._inductor.config.patch(options), paused(), _in_workers(in_workers):
         return aot_module_simplified(gm, list(example_inputs), fw_compiler=compiler(rewrite_forward),
                                      bw_compiler=compiler(rewrite_backward, is_backward=True),
                                      inference_compiler=compiler(decompose),  # not planned
                                      partition_fn=partition_decomposed,
                                      decompositions=traced,
                                      keep_inference_input_mutations=True)
+
+
+@contextlib.contextmanager
+def _in_workers(enabled: bool) -> Iterator[None]:
+    """Compile the segments in ``WORKERS`` worker processes, where their strides are planned (on
+    CUDA): each one's inputs are then known before the earlier ones are compiled. The backward is
+    compiled with the forward, so that its segments are handed out while the forward's compile,
+    and so that the workers, each holding a CUDA context (520 MiB on an H200), are closed before
+    the first step."""
+    if not enabled:
+        yield
+        return
+    workers = WorkerPool(WORKERS)
+    try:
+        with torch._functorch.config.patch(force_non_lazy_backward_lowering=True), workers.compiling():
+            yield
+    finally:
+        workers.close()
 
 
 @dataclass
@@ -306,6 +338,8 @@ def compile_in_segments(graph: fx.GraphModule, example_inputs: Sequence[Any],
             if key is None or key not in compiled:
                 with TracingContext.report_output_strides() as strides, _no_donated_buffers():
                     run = compile_graph(fx.GraphModule(graph, sub), examples)
+                if planned_strides:  # known before a compilation in a worker ends
+                    strides = [_stride(node.meta.get("val")) for node in outputs]
                 if key is not None:
                     compiled[key] = run, strides
             else:

@@ -1,0 +1,115 @@
+"""Segments compiled in worker processes run as those compiled in this process: bitwise.
+
+On CUDA memplan compiles segments in workers (their strides are planned); on the CPU it compiles
+them here, each for the strides the earlier ones report. The CPU test plans the strides as CUDA
+does, so that it can compare the two ways on the same graphs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import memplan
+import memplan.compile_workers
+import memplan.inductor
+from harness import run_step
+from zoo import build
+
+pytest.importorskip("torch._inductor.compile_fx")
+COMPILE_IN_SEGMENTS, IN_WORKERS = memplan.inductor.compile_in_segments, memplan.inductor._in_workers
+
+
+def compiled_steps(name: str, monkeypatch, workers: int):
+    """Two steps of ``name`` compiled with planned strides, as on CUDA, in ``workers`` workers."""
+    def with_planned_strides(graph, inputs, compile_graph, ops_per_segment, **options):
+        options["planned_strides"] = True
+        return COMPILE_IN_SEGMENTS(graph, inputs, compile_graph, ops_per_segment, **options)
+
+    monkeypatch.setattr(memplan.inductor, "compile_in_segments", with_planned_strides)
+    monkeypatch.setattr(memplan.inductor, "_in_workers", lambda enabled: IN_WORKERS(workers > 1))
+    monkeypatch.setattr(memplan.inductor, "WORKERS", workers)
+    case = build(name)
+    plan = memplan.optimize(case.model, 1.0, example_inputs=case.args, method="sqrt", compile=True)
+    steps = [run_step(plan.module, case, seed) for seed in (101, 102)]
+    return steps, dict(case.model.named_buffers())
+
+
+def recording_code(monkeypatch) -> list:
+    """The compiled segments' code, appended as inductor compiles them (in workers or here)."""
+    import torch._inductor.compile_fx as compile_fx
+
+    compile_fx_inner, compiled = compile_fx.compile_fx_inner, []
+    monkeypatch.setattr(compile_fx, "compile_fx_inner",
+                        lambda *args, **kwargs: compiled.append(compile_fx_inner(*args, **kwargs))
+                        or compiled[-1])
+    return compiled
+
+
+def code_of(compiled: list) -> list[str]:
+    """Without the first line's comment, which numbers the graphs aot_autograd compiled."""
+    code = [getattr(c, "_compiled", c).source_code for c in compiled]
+    return [text.partition("\n")[2] if text.startswith("# AOT ID") else text for text in code]
+
+
+def assert_same_code(code: list[str], code_here: list[str]) -> None:
+    assert len(code) == len(code_here)
+    for k, (text, text_here) in enumerate(zip(code, code_here)):
+        differing = [pair for pair in zip(text.splitlines(), text_here.splitlines()) if pair[0] != pair[1]]
+        assert text == text_here, f"compilation {k}: first differing lines {differing[:2]}"
+
+
+def test_segments_compiled_in_workers_equal_those_compiled_here(monkeypatch):
+    """The MLP calls memplan's dropout ops, which a worker has only by importing memplan."""
+    loaded = []
+    load = memplan.compile_workers._CompiledInWorker.load
+    monkeypatch.setattr(memplan.compile_workers._CompiledInWorker, "load",
+                        lambda self: loaded.append(self) or load(self))
+    compiled = recording_code(monkeypatch)
+    in_workers, workers_buffers = compiled_steps("mlp", monkeypatch, 2)
+    assert len(loaded) >= 4, "forward and backward segments compiled in the workers"
+    code, handed_out = code_of(compiled), len(loaded)
+    compiled.clear()
+    here, buffers = compiled_steps("mlp", monkeypatch, 1)
+    assert len(loaded) == handed_out, "one worker: every segment compiled here"
+    assert_same_code(code, code_of(compiled))
+    for (out, grads, rng), (here_out, here_grads, here_rng) in zip(in_workers, here):
+        assert torch.equal(out, here_out)
+        assert grads.keys() == here_grads.keys()
+        assert all(torch.equal(grads[name], here_grads[name]) for name in grads)
+        assert torch.equal(rng, here_rng)
+    assert all(torch.equal(workers_buffers[name], buffers[name]) for name in buffers)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.xfail(strict=True, reason="on an H200 the first segment's code differed (the "
+                   "difference was not captured); memplan.inductor.WORKERS stays 1 until it is "
+                   "explained")
+def test_compiled_plan_on_cuda_equals_one_compiled_in_this_process(monkeypatch):
+    """Workers on CUDA, closed before the first step. Each segment's code
+    is the one compiled here; the values are compared to the norm of their difference, since
+    cuDNN's and inductor's CUDA reductions need not add in the same order from run to run."""
+    closed = []
+    close = memplan.compile_workers.WorkerPool.close
+    monkeypatch.setattr(memplan.compile_workers.WorkerPool, "close",
+                        lambda self: closed.append(self) or close(self))
+    compiled = recording_code(monkeypatch)
+
+    def step(workers: int):
+        compiled.clear()
+        monkeypatch.setattr(memplan.inductor, "WORKERS", workers)
+        case = build("preact_resnet29")
+        model, x = case.model.cuda(), case.args[0].cuda()
+        plan = memplan.optimize(model, 0.9, example_inputs=(x,), compile=True)
+        assert len(closed) == (workers > 1)
+        out = plan.module(x)
+        (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(0)).cuda()).sum().backward()
+        return code_of(compiled), [p.grad for p in model.parameters()] + list(model.buffers())
+
+    code, values = step(memplan.compile_workers.default_workers())
+    closed.clear()
+    code_here, values_here = step(1)
+    assert_same_code(code, code_here)
+    for a, b in zip(values, values_here):
+        error = (a.double() - b.double()).norm().item()
+        assert error <= 1e-5 * b.double().norm().item() + 1e-5 * b.numel() ** 0.5
