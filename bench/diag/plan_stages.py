@@ -1,10 +1,10 @@
 """Where a compiled plan's planning and compiling time goes: ``compiled_time.py`` with each
 stage of ``memplan.optimize`` timed (export, aot_autograd's trace of the joint graph, the
 decompositions copied into it (BatchNorm's, ReLU's backward, detach), planning, splitting,
-segmenting, inductor's compilations) and memplan's log at INFO (each solver's time: on large
-graphs the fast solvers run side by side, so planning takes less than their sum). A stage the
-timed memplan does not have is left out, so an older checkout can be timed with its own copy of
-this script.
+segmenting, inductor's compilations, the wait for those run in worker processes) and memplan's
+log at INFO (each solver's time: on large graphs the fast solvers run side by side, so planning
+takes less than their sum). A stage the timed memplan does not have is left out, so an older
+checkout can be timed with its own copy of this script.
 
     python bench/diag/plan_stages.py MODEL CONFIG [--serial] [compiled_time.py's options]
     python bench/diag/plan_stages.py --run segment_reuse.py MODEL --count-only [--budget B]
@@ -43,6 +43,11 @@ import memplan.capture as capture  # noqa: E402
 import memplan.inductor as inductor  # noqa: E402
 import memplan.solvers.registry as registry  # noqa: E402
 
+try:
+    from memplan.compile_workers import _CompiledInWorker
+except ImportError:  # a memplan that compiles every segment in its own process
+    _CompiledInWorker = None
+
 spent: collections.Counter[str] = collections.Counter()
 calls: collections.Counter[str] = collections.Counter()
 running: list[str] = []  # the stages now running, innermost last
@@ -67,7 +72,7 @@ def print_stages() -> None:
 
 
 def timed(module, name: str, label: str) -> None:
-    function = getattr(module, name, None)
+    function = getattr(module, name, None) if module is not None else None
     if function is None:  # a stage that the memplan timed does not have
         return
 
@@ -92,7 +97,8 @@ STAGES = [(capture, "_flat_module", "export"),
           (capture, "joint_to_ir", "IR"), (api, "plan_step", "planning"),
           (capture, "split", "split"), (capture, "simulate", "fused-kernel simulation"),
           (inductor, "compile_in_segments", "segmenting and compiling"),
-          (compile_fx, "compile_fx_inner", "of which inductor")]
+          (compile_fx, "compile_fx_inner", "of which inductor"),
+          (_CompiledInWorker, "load", "waiting for workers and loading")]
 
 if __name__ == "__main__":
     for stage in STAGES:
