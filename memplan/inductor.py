@@ -338,7 +338,7 @@ def compile_in_segments(graph: fx.GraphModule, example_inputs: Sequence[Any],
             if key is None or key not in compiled:
                 with TracingContext.report_output_strides() as strides, _no_donated_buffers():
                     run = compile_graph(fx.GraphModule(graph, sub), examples)
-                if planned_strides:  # known before a compilation in a worker ends
+                if planned_strides and not strides:  # a worker's compilation reports none
                     strides = [_stride(node.meta.get("val")) for node in outputs]
                 if key is not None:
                     compiled[key] = run, strides
