@@ -1,8 +1,9 @@
 """Segments compiled in worker processes run as those compiled in this process: bitwise.
 
-On CUDA memplan compiles segments in workers (their strides are planned); on the CPU it compiles
-them here, each for the strides the earlier ones report. The CPU test plans the strides as CUDA
-does, so that it can compare the two ways on the same graphs.
+Workers (``memplan.inductor.WORKERS`` above 1) compile segments on CUDA, where their strides
+are planned; on the CPU memplan compiles them here, each for the strides the earlier ones report.
+The CPU test plans the strides as CUDA does, so that it can compare the two ways on the same
+graphs.
 """
 
 from __future__ import annotations
