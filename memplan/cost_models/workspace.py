@@ -25,7 +25,6 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from memplan.graph import CUDA_ALLOCATOR_ROUNDING, allocated_bytes
 from memplan.passes.dropout import sets_generator_state
 
 
@@ -68,23 +67,17 @@ def _measured(node: fx.Node, compiled: bool = False) -> bool:
             and any(isinstance(v, torch.Tensor) for v in pytree.tree_leaves(node.meta.get("val"))))
 
 
-def _storages(value: Any) -> dict[int, int]:
-    """Data pointer -> bytes of the storages of the tensors in ``value``."""
-    return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-            for t in pytree.tree_leaves(value) if isinstance(t, torch.Tensor)}
-
-
 def call_workspace(op: Any, args: Any, kwargs: Any, device: torch.device) -> int:
-    """The bytes one call of ``op`` reaches beyond what is allocated before it and its new outputs."""
+    """The bytes one call of ``op`` reaches beyond what it leaves allocated: its new outputs, and
+    what a library keeps from its first call in the process on (cuBLAS's workspace). Counted,
+    the latter made a process's first plan differ from the same plan made again."""
     torch.cuda.synchronize(device)
-    before = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
     out = op(*args, **kwargs)
     torch.cuda.synchronize(device)
-    inputs = _storages((args, kwargs))
-    outputs = sum(allocated_bytes(nbytes, CUDA_ALLOCATOR_ROUNDING)
-                  for ptr, nbytes in _storages(out).items() if ptr not in inputs)
-    return max(0, torch.cuda.max_memory_allocated(device) - before - outputs)
+    left_allocated = torch.cuda.memory_allocated(device)
+    del out
+    return max(0, torch.cuda.max_memory_allocated(device) - left_allocated)
 
 
 def measure_workspaces(joint: fx.GraphModule, device: torch.device, *,
