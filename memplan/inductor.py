@@ -102,7 +102,7 @@ from torch._guards import TracingContext, detect_fake_mode, tracing
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from memplan.compile_workers import WorkerPool
+from memplan.compile_workers import WorkerPool, default_workers
 from memplan.errors import InternalError
 from memplan.heap import collecting, paused
 from memplan.passes.decompose_by_template import TEMPLATED, decompose_by_template
@@ -128,11 +128,11 @@ CONTENT_SPACING = 8
 # Node metadata: a node's step in the program, and the later steps counted as one kernel with it.
 STEP, FUSED_WITH = "memplan_step", "memplan_fused_with"
 # Worker processes compiling segments at once, where their strides are planned (on CUDA), or 1
-# to compile each in this process, in turn. ``default_workers()`` planned and compiled
-# ResNet-1001 in 94.5 s against 162.1 s on an H200 (bench/results/compiled_resnet_h200.md), but
-# there a segment compiled in a worker got other code than the same compiled here
-# (tests/test_compile_workers.py): 1 until that is explained.
-WORKERS = 1
+# to compile each in this process, in turn (each worker holds a CUDA context, 520 MiB on an H200,
+# while they compile). Planned and compiled ResNet-1001 in 94.5 s against 162.1 s, and 115.4 s
+# against 135.6 s, on two H200 hosts (bench/results/compiled_resnet_h200.md), with the same code
+# for every segment as compiled here (tests/test_compile_workers.py).
+WORKERS = default_workers()
 # Inductor options on CUDA only; the module docstring says why.
 CUDA_OPTIONS = {"layout_optimization": False, "triton.autotune_pointwise": False,
                 "test_configs.force_filter_reduction_configs": True, "dynamic_scale_rblock": False}
