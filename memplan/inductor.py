@@ -64,7 +64,7 @@ Segments with the same ops on the same shapes, strides and dtypes (the repeated 
 deep network) share one compilation (``_segment_key``); within its last ``CONTENT_CUT_OPS`` ops
 a segment ends where its last ops' content says, so that such layers are cut alike. Inductor's own FX graph cache would
 do so, but it passes over graphs traced without a shape environment, as memplan's are. Where
-the strides are planned (CUDA), the distinct segments can be compiled in worker processes at
+the strides are planned (CUDA), the distinct segments are compiled in worker processes at
 once (``WORKERS``, ``memplan.compile_workers``), and the backward with the forward.
 
 Buffer updates (BatchNorm's running statistics) stay in the compiled forward as writes into the
