@@ -133,6 +133,9 @@ STEP, FUSED_WITH = "memplan_step", "memplan_fused_with"
 # against 135.6 s, on two H200 hosts (bench/results/compiled_resnet_h200.md), with the same code
 # for every segment as compiled here (tests/test_compile_workers.py).
 WORKERS = default_workers()
+# A worker's CUDA context (an H200, ``nvidia-smi``). Only as many workers start as have twice that
+# in the device's free memory: memplan's users plan where memory is short.
+WORKER_CONTEXT_BYTES = 520 * 2**20
 # Inductor options on CUDA only; the module docstring says why.
 CUDA_OPTIONS = {"layout_optimization": False, "triton.autotune_pointwise": False,
                 "test_configs.force_filter_reduction_configs": True, "dynamic_scale_rblock": False}
@@ -166,7 +169,8 @@ def compile_with_inductor(gm: fx.GraphModule, example_inputs: Sequence[Any],
     if on_cuda:
         options.update(CUDA_OPTIONS)
 
-    in_workers = on_cuda and WORKERS > 1
+    workers = _workers_for(example_inputs)
+    in_workers = workers > 1
     # Inductor's compilations make much cyclic garbage, where they run in this process
     # (``memplan.heap``).
     heap = paused if in_workers else collecting
@@ -200,7 +204,7 @@ def compile_with_inductor(gm: fx.GraphModule, example_inputs: Sequence[Any],
     if TracingContext.try_get() is None:
         fake_mode = detect_fake_mode(example_inputs) or FakeTensorMode(allow_non_fake_inputs=True)
         context = tracing(TracingContext(fake_mode))
-    with context, torch._inductor.config.patch(options), paused(), _in_workers(in_workers):
+    with context, torch._inductor.config.patch(options), paused(), _in_workers(workers):
         return aot_module_simplified(gm, list(example_inputs), fw_compiler=compiler(rewrite_forward),
                                      bw_compiler=compiler(rewrite_backward, is_backward=True),
                                      inference_compiler=compiler(decompose),  # not planned
@@ -209,22 +213,32 @@ def compile_with_inductor(gm: fx.GraphModule, example_inputs: Sequence[Any],
                                      keep_inference_input_mutations=True)
 
 
+def _workers_for(example_inputs: Sequence[Any]) -> int:
+    """``WORKERS`` where the inputs are on CUDA, fewer where their contexts would not fit twice
+    in the device's free memory; 1 elsewhere."""
+    devices = {t.device for t in example_inputs if isinstance(t, torch.Tensor) and t.device.type == "cuda"}
+    if not devices:
+        return 1
+    free_bytes = min(torch.cuda.mem_get_info(device)[0] for device in devices)
+    return max(1, min(WORKERS, free_bytes // (2 * WORKER_CONTEXT_BYTES)))
+
+
 @contextlib.contextmanager
-def _in_workers(enabled: bool) -> Iterator[None]:
-    """Compile the segments in ``WORKERS`` worker processes, where their strides are planned (on
-    CUDA): each one's inputs are then known before the earlier ones are compiled. The backward is
-    compiled with the forward, so that its segments are handed out while the forward's compile,
-    and so that the workers, each holding a CUDA context (520 MiB on an H200), are closed before
+def _in_workers(workers: int) -> Iterator[None]:
+    """Compile the segments in ``workers`` worker processes (if more than 1), where their strides
+    are planned (on CUDA): each one's inputs are then known before the earlier ones are compiled.
+    The backward is compiled with the forward, so that its segments are handed out while the
+    forward's compile, and so that the workers, each holding a CUDA context, are closed before
     the first step."""
-    if not enabled:
+    if workers <= 1:
         yield
         return
-    workers = WorkerPool(WORKERS)
+    pool = WorkerPool(workers)
     try:
-        with torch._functorch.config.patch(force_non_lazy_backward_lowering=True), workers.compiling():
+        with torch._functorch.config.patch(force_non_lazy_backward_lowering=True), pool.compiling():
             yield
     finally:
-        workers.close()
+        pool.close()
 
 
 @dataclass

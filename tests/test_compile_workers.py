@@ -32,7 +32,7 @@ def compiled_steps(name: str, monkeypatch, tmp_path, workers: int):
         return COMPILE_IN_SEGMENTS(graph, inputs, compile_graph, ops_per_segment, **options)
 
     monkeypatch.setattr(memplan.inductor, "compile_in_segments", with_planned_strides)
-    monkeypatch.setattr(memplan.inductor, "_in_workers", lambda enabled: IN_WORKERS(workers > 1))
+    monkeypatch.setattr(memplan.inductor, "_in_workers", lambda count: IN_WORKERS(workers))
     monkeypatch.setattr(memplan.inductor, "WORKERS", workers)
     case = build(name)
     plan = memplan.optimize(case.model, 1.0, example_inputs=case.args, method="sqrt", compile=True)
@@ -86,6 +86,20 @@ def test_segments_compiled_in_workers_equal_those_compiled_here(monkeypatch, tmp
         assert all(torch.equal(grads[name], here_grads[name]) for name in grads)
         assert torch.equal(rng, here_rng)
     assert all(torch.equal(workers_buffers[name], buffers[name]) for name in buffers)
+
+
+def test_workers_start_only_as_many_as_the_device_has_room_for(monkeypatch):
+    """Each worker holds a CUDA context: on a device with little free memory, fewer start."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    monkeypatch.setattr(memplan.inductor, "WORKERS", 8)
+    context = memplan.inductor.WORKER_CONTEXT_BYTES
+    with FakeTensorMode():
+        on_cuda, on_cpu = torch.empty(2, device="cuda"), torch.empty(2)
+    for free_contexts, expected in ((100, 8), (7, 3), (3, 1), (0, 1)):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free_contexts * context, 0))
+        assert memplan.inductor._workers_for([on_cpu, on_cuda]) == expected
+    assert memplan.inductor._workers_for([on_cpu]) == 1
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
