@@ -69,8 +69,9 @@ def _measured(node: fx.Node, compiled: bool = False) -> bool:
 
 def call_workspace(op: Any, args: Any, kwargs: Any, device: torch.device) -> int:
     """The bytes one call of ``op`` reaches beyond what it leaves allocated: its new outputs, and
-    what a library keeps from its first call in the process on (cuBLAS's workspace). Counted,
-    the latter made a process's first plan differ from the same plan made again."""
+    what a library keeps from its first call in the process on (cuBLASLt's workspace, which the
+    ambient memory counts). Counted here too, it made a process's first plan differ from the
+    same plan made again."""
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     out = op(*args, **kwargs)
