@@ -8,8 +8,10 @@
 from memplan.api import Plan, optimize
 from memplan.backend import backend
 from memplan.budget import parse_budget
-from memplan.errors import BudgetError, CaptureError, InfeasibleBudgetError, InternalError, MemplanError
+from memplan.errors import (BudgetError, CaptureError, InfeasibleBudgetError, InternalError,
+                            MemplanError, WorkerError)
 from memplan.remat import Graph, Schedule, load_graph, solve
 
 __all__ = ["backend", "BudgetError", "CaptureError", "Graph", "InfeasibleBudgetError", "InternalError",
-           "MemplanError", "Plan", "Schedule", "load_graph", "optimize", "parse_budget", "solve"]
+           "MemplanError", "Plan", "Schedule", "WorkerError", "load_graph", "optimize", "parse_budget",
+           "solve"]

@@ -13,18 +13,22 @@ and, on CUDA, holds a context of its own until ``close``.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from concurrent.futures import Future
 from typing import Any, Callable, Iterator, Sequence
 from unittest import mock
 
 import torch._inductor.compile_fx as compile_fx
+import torch._inductor.compile_fx_ext as compile_fx_ext
 from torch._guards import TracingContext, tracing
 from torch._inductor.compile_fx_subproc import _SubprocessFxCompile
 from torch._inductor.compile_worker.subproc_pool import SubprocKind, SubprocPool
 from torch._inductor.output_code import OutputCode
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+from memplan.errors import WorkerError
 
 # The environment a worker compiles in: where inductor and Triton keep their caches.
 CACHE_VARIABLES = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
@@ -79,10 +83,23 @@ class WorkerPool:
             handed_out.append(_CompiledInWorker(future, load))
             return handed_out[-1]
 
-        with mock.patch.object(compile_fx, "fx_codegen_and_compile", hand_out):
-            yield
+        quiet = _QuietUnpicklable()
+        compile_fx_ext.log.addFilter(quiet)  # the logger that warns
+        try:
+            with mock.patch.object(compile_fx, "fx_codegen_and_compile", hand_out):
+                yield
+        finally:
+            compile_fx_ext.log.removeFilter(quiet)
         for compiled in handed_out:
             compiled.load()
+
+
+class _QuietUnpicklable(logging.Filter):
+    """Inductor warns, with a traceback, of each graph it does not send to a worker: one that calls
+    an op outside ATen (memplan's dropout, a prim), which is compiled here, as designed."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Unable to pickle input graph")
 
 
 class _CompiledInWorker(OutputCode):
@@ -104,8 +121,14 @@ class _CompiledInWorker(OutputCode):
         # unpickles into the context's fake mode (memplan's has none, its shapes being static),
         # and ``post_compile`` reports the output strides to the context, where the caller's
         # has taken the planned ones already.
+        try:
+            result = self._future.result()
+        except Exception as error:
+            raise WorkerError("memplan: a worker process failed to compile a segment (the error "
+                              "follows); set memplan.inductor.WORKERS = 1 to compile the segments "
+                              "in this process") from error
         with tracing(TracingContext(FakeTensorMode(shape_env=ShapeEnv()))):
-            compiled = self._load(self._future.result())
+            compiled = self._load(result)
             compiled.post_compile(*self._post_compile_arguments)
         self._compiled = compiled
 

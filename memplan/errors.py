@@ -21,5 +21,9 @@ class CaptureError(MemplanError):
     """The model's training step could not be captured as one graph."""
 
 
+class WorkerError(MemplanError, RuntimeError):
+    """A worker process failed to compile a segment: the message says how to compile here."""
+
+
 class InternalError(MemplanError, AssertionError):
     """An invariant of memplan itself does not hold: a bug, please report it."""

@@ -66,8 +66,10 @@ def assert_same_code(code: list[str], code_here: list[str]) -> None:
         assert text == text_here, f"compilation {k}: first differing lines {differing[:2]}"
 
 
-def test_segments_compiled_in_workers_equal_those_compiled_here(monkeypatch, tmp_path):
-    """The MLP calls memplan's dropout ops, which a worker has only by importing memplan."""
+def test_segments_compiled_in_workers_equal_those_compiled_here(monkeypatch, tmp_path, caplog):
+    """The MLP calls memplan's dropout ops: inductor does not send their segments to a worker
+    (it pickles no custom op), so those are compiled here, among the others compiled in workers,
+    and without inductor's warning that it could not pickle them."""
     loaded = []
     load = memplan.compile_workers._CompiledInWorker.load
     monkeypatch.setattr(memplan.compile_workers._CompiledInWorker, "load",
@@ -75,6 +77,8 @@ def test_segments_compiled_in_workers_equal_those_compiled_here(monkeypatch, tmp
     compiled = recording_code(monkeypatch)
     in_workers, workers_buffers = compiled_steps("mlp", monkeypatch, tmp_path, 2)
     assert len(loaded) >= 4, "forward and backward segments compiled in the workers"
+    assert len(compiled) > len(loaded), "segments with memplan's dropout ops compiled here"
+    assert not [r for r in caplog.records if "pickle" in r.getMessage()]
     code, handed_out = code_of(compiled), len(loaded)
     compiled.clear()
     here, buffers = compiled_steps("mlp", monkeypatch, tmp_path, 1)
@@ -86,6 +90,26 @@ def test_segments_compiled_in_workers_equal_those_compiled_here(monkeypatch, tmp
         assert all(torch.equal(grads[name], here_grads[name]) for name in grads)
         assert torch.equal(rng, here_rng)
     assert all(torch.equal(workers_buffers[name], buffers[name]) for name in buffers)
+
+
+def test_a_segment_a_worker_fails_to_compile_names_the_way_to_compile_here(monkeypatch, tmp_path):
+    """A worker's failure is raised with the setting that compiles the segments in this process."""
+    from torch._inductor.compile_fx_ext import _WireProtocolPickledInput
+    from torch._inductor.compile_fx_subproc import _SubprocessFxCompile
+
+    serialize = _SubprocessFxCompile.serialize_compile
+
+    def unreadable(self, *args):
+        serialized = serialize(self, *args)
+        if serialized is None:  # a graph inductor does not send to a worker
+            return None
+        pickled, constants = serialized
+        return _WireProtocolPickledInput(pickled.value[:-8]), constants
+
+    monkeypatch.setattr(_SubprocessFxCompile, "serialize_compile", unreadable)
+    with pytest.raises(memplan.WorkerError, match="memplan.inductor.WORKERS = 1") as raised:
+        compiled_steps("mlp", monkeypatch, tmp_path, 2)
+    assert "An exception occurred in a subprocess" in str(raised.value.__cause__)
 
 
 def test_workers_start_only_as_many_as_the_device_has_room_for(monkeypatch):
