@@ -29,6 +29,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
 from memplan.errors import WorkerError
+from memplan.heap import collecting
 
 # The environment a worker compiles in: where inductor and Triton keep their caches.
 CACHE_VARIABLES = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
@@ -69,8 +70,9 @@ class WorkerPool:
                 serialized = scheme.serialize_compile(gm, example_inputs, inputs_to_check,
                                                       {k: v for k, v in graph_kwargs.items()
                                                        if k != "compile_region_name"})
-            if serialized is None:  # a graph inductor cannot pickle: compiled here
-                return in_process(gm, example_inputs, inputs_to_check, **graph_kwargs)
+            if serialized is None:  # a graph inductor cannot pickle: compiled here, collecting
+                with collecting():
+                    return in_process(gm, example_inputs, inputs_to_check, **graph_kwargs)
             pickled, constants = serialized
             environment = {name: os.environ[name] for name in CACHE_VARIABLES if name in os.environ}
             future = self._pool.submit(_compile, pickled, environment)
@@ -117,16 +119,16 @@ class _CompiledInWorker(OutputCode):
         self._post_compile_arguments = arguments
 
     def load(self) -> None:
+        try:
+            result = self._future.result()
+        except Exception as error:
+            raise WorkerError("memplan: a worker process failed to compile a segment (its error is "
+                              "the cause); set memplan.inductor.WORKERS = 1 to compile the segments "
+                              "in this process") from error
         # In a tracing context of its own: the worker returns its shape environment, which
         # unpickles into the context's fake mode (memplan's has none, its shapes being static),
         # and ``post_compile`` reports the output strides to the context, where the caller's
         # has taken the planned ones already.
-        try:
-            result = self._future.result()
-        except Exception as error:
-            raise WorkerError("memplan: a worker process failed to compile a segment (the error "
-                              "follows); set memplan.inductor.WORKERS = 1 to compile the segments "
-                              "in this process") from error
         with tracing(TracingContext(FakeTensorMode(shape_env=ShapeEnv()))):
             compiled = self._load(result)
             compiled.post_compile(*self._post_compile_arguments)

@@ -171,8 +171,9 @@ def compile_with_inductor(gm: fx.GraphModule, example_inputs: Sequence[Any],
 
     workers = _workers_for(example_inputs)
     in_workers = workers > 1
-    # Inductor's compilations make much cyclic garbage, where they run in this process
-    # (``memplan.heap``).
+    # Inductor's compilations make much cyclic garbage where they run in this process
+    # (``memplan.heap``); handing graphs to workers makes little (``WorkerPool.compiling``
+    # collects for those it compiles here).
     heap = paused if in_workers else collecting
 
     # Each compiler sets the options itself: aot_autograd compiles the backward at its first

@@ -74,10 +74,15 @@ def test_segments_compiled_in_workers_equal_those_compiled_here(monkeypatch, tmp
     load = memplan.compile_workers._CompiledInWorker.load
     monkeypatch.setattr(memplan.compile_workers._CompiledInWorker, "load",
                         lambda self: loaded.append(self) or load(self))
+    collected = []
+    collecting = memplan.compile_workers.collecting
+    monkeypatch.setattr(memplan.compile_workers, "collecting",
+                        lambda: collected.append(1) or collecting())
     compiled = recording_code(monkeypatch)
     in_workers, workers_buffers = compiled_steps("mlp", monkeypatch, tmp_path, 2)
     assert len(loaded) >= 4, "forward and backward segments compiled in the workers"
     assert len(compiled) > len(loaded), "segments with memplan's dropout ops compiled here"
+    assert len(collected) == len(compiled) - len(loaded), "collecting, as without workers"
     assert not [r for r in caplog.records if "pickle" in r.getMessage()]
     code, handed_out = code_of(compiled), len(loaded)
     compiled.clear()
