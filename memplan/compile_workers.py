@@ -6,8 +6,9 @@ Inductor compiles one graph at a time, in the calling process: ResNet-1001's dis
 for each other's results, so ``WorkerPool.compiling`` hands each graph inductor would compile to a
 pool of worker processes, through inductor's own out-of-process compile (the ``subprocess`` FX
 compile mode, which runs one worker), and loads the compiled modules here once all are handed
-out. The workers are spawned: each imports torch and memplan (whose custom ops a graph may call)
-and, on CUDA, holds a context of its own until ``close``.
+out. Inductor sends only graphs of ATen ops; one that calls another op (memplan's dropout, a
+prim) is compiled here. The workers are spawned: each imports torch and this module and, on
+CUDA, holds a context of its own until ``close``.
 """
 
 from __future__ import annotations
